@@ -1,0 +1,194 @@
+"""The damped Hessian of the training objective as a linear operator.
+
+    A = H + λ_d·I,    H = ∇²_θ R(θ̂) = (1/n) Σ_i ∇²_θ ℓ(z_i, θ̂) + λ·I
+
+(λ = the objective's weight decay, folded into every training loss; λ_d = damping, reported
+separately). Products A·v are exact (Pearlmutter's trick), by forward-over-reverse
+``jvp(grad(f))`` or reverse-over-reverse ``vjp(grad(f))``, with a plain autograd loop as the last
+resort; a mode that fails falls back to the next. In ``"auto"`` mode blocks of fewer than 16
+vectors go reverse-over-reverse first (lower fixed cost per call: 1.5 ms vs 3.1 ms for one vector
+on a tiny model, measured on 2 CPU cores) and larger blocks forward-over-reverse first (19 ms vs
+28 ms for 100 vectors, 4.8k parameters). Blocks of vectors ``V`` of shape ``(k, p)`` are
+multiplied at once with ``vmap``; the training data is visited in chunks, so memory does not grow
+with n.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+from tqdm.auto import tqdm
+
+from .data import ExampleSet
+from .gradients import GradientComputer
+
+logger = logging.getLogger(__name__)
+
+HVPMode = Literal["auto", "forward-over-reverse", "reverse-over-reverse", "loop"]
+_MODES = ("forward-over-reverse", "reverse-over-reverse", "loop")
+_SMALL_BLOCK_ORDER = ("reverse-over-reverse", "forward-over-reverse", "loop")
+SMALL_BLOCK = 16
+
+
+class HessianOperator:
+    """A = H + λ_d·I over the training set, applied to blocks of vectors.
+
+    Args:
+        gradients: per-example loss machinery (tracked parameters + objective).
+        data: the training set.
+        theta: θ̂, shape ``(p,)``.
+        damping: λ_d ≥ 0.
+        chunk_size: training examples per forward/backward pass.
+        mode: how products are formed; ``"auto"`` picks by block size and falls back on failure.
+        progress: show a progress bar over chunks for long passes (dense Hessian).
+    """
+
+    def __init__(self, gradients: GradientComputer, data: ExampleSet, theta: Tensor,
+                 damping: float = 0.0, chunk_size: int = 256, mode: HVPMode = "auto",
+                 progress: bool = False) -> None:
+        if mode != "auto" and mode not in _MODES:
+            raise ValueError(f"hvp mode must be 'auto' or one of {_MODES}, got {mode!r}.")
+        self.gradients = gradients
+        self.data = data
+        self.theta = theta.detach()
+        self.damping = float(damping)
+        self.chunk_size = int(chunk_size)
+        self.mode = mode
+        self._failed_modes: set[str] = set()
+        self.progress = progress
+        self.num_matvecs = 0
+        self._grouped_vmap = True
+
+    @property
+    def dim(self) -> int:
+        return int(self.theta.numel())
+
+    @property
+    def num_train(self) -> int:
+        return len(self.data)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta.device
+
+    @property
+    def shift(self) -> float:
+        """λ + λ_d: the multiple of the identity added to the mean data Hessian."""
+        return self.gradients.objective.weight_decay + self.damping
+
+    def matvec(self, V: Tensor) -> Tensor:
+        """A·v for each row v of ``V`` (``(k, p)`` or ``(p,)``), over the whole training set."""
+        single = V.ndim == 1
+        V = V.reshape(-1, self.dim).to(self.dtype)
+        out = torch.zeros_like(V)
+        batches = self.data.batches(self.chunk_size, self.device, self.dtype)
+        for _, X, y in batches:
+            out += self._data_hvp_sum(V, X, y)
+        out = out / self.num_train + self.shift * V
+        self.num_matvecs += V.shape[0]
+        return out[0] if single else out
+
+    def sampled_matvec(self, V: Tensor, indices: Tensor) -> Tensor:
+        """Mini-batch products: for each r, A_r·v over the examples ``indices[r]``.
+
+        Args:
+            V: ``(R, k, p)`` vectors, R independent groups.
+            indices: ``(R, b)`` training indices, one mini-batch per group.
+
+        Returns:
+            ``(R, k, p)``: ((1/b) Σ_{i ∈ batch r} ∇²ℓ_i + (λ + λ_d)·I) v.
+        """
+        R, b = indices.shape
+        X, y = self.data.take(indices.reshape(-1), self.device, self.dtype)
+        X = X.reshape(R, b, *X.shape[1:])
+        y = y.reshape(R, b, *y.shape[1:])
+        out = self._grouped_hvp_sum(V, X, y)
+        self.num_matvecs += R * V.shape[1]
+        return out / b + self.shift * V
+
+    def dense(self, block: int = 256) -> Tensor:
+        """The explicit matrix A = H + λ_d·I, ``(p, p)``, built from blocks of identity columns."""
+        p = self.dim
+        A = torch.empty(p, p, dtype=self.dtype, device=self.device)
+        starts = range(0, p, block)
+        for start in tqdm(starts, desc="Hessian columns", disable=not self.progress):
+            stop = min(start + block, p)
+            E = torch.zeros(stop - start, p, dtype=self.dtype, device=self.device)
+            E[:, start:stop] = torch.eye(stop - start, dtype=self.dtype, device=self.device)
+            A[start:stop] = self.matvec(E)
+        return 0.5 * (A + A.T)
+
+    def _modes(self, block: int) -> list[str]:
+        if self.mode != "auto":
+            return [self.mode]
+        order = _SMALL_BLOCK_ORDER if block < SMALL_BLOCK else _MODES
+        return [m for m in order if m not in self._failed_modes]
+
+    def _data_hvp_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
+        """Σ_{i in batch} ∇²ℓ_i · v for each row v of V (no regulariser, no damping)."""
+        modes = self._modes(V.shape[0])
+        for position, mode in enumerate(modes):
+            try:
+                return _HVP_BY_MODE[mode](self._batch_loss(X, y), self.theta, V)
+            except Exception as error:
+                if position == len(modes) - 1:
+                    raise
+                logger.warning(
+                    "Hessian-vector products by %s failed (%s: %s); falling back to %s.",
+                    mode, type(error).__name__, str(error).splitlines()[0], modes[position + 1],
+                )
+                self._failed_modes.add(mode)
+        raise AssertionError("unreachable")
+
+    def _grouped_hvp_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
+        """``_data_hvp_sum`` for R groups at once (group r: vectors V[r], examples X[r])."""
+        mode = self._modes(V.shape[1])[0]
+        if self._grouped_vmap and mode != "loop":
+            try:
+                return vmap(lambda V_r, X_r, y_r: _HVP_BY_MODE[mode](
+                    self._batch_loss(X_r, y_r), self.theta, V_r))(V, X, y)
+            except Exception as error:
+                logger.info("Grouped vmap of Hessian-vector products failed (%s); looping over "
+                            "groups.", type(error).__name__)
+                self._grouped_vmap = False
+        return torch.stack([self._data_hvp_sum(V[r], X[r], y[r]) for r in range(V.shape[0])])
+
+    def _batch_loss(self, X: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+        def loss(theta: Tensor) -> Tensor:
+            return self.gradients.losses(theta, X, y).sum()
+
+        return loss
+
+
+def _forward_over_reverse(loss: Callable[[Tensor], Tensor], theta: Tensor, V: Tensor) -> Tensor:
+    gradient = grad(loss)
+    return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(V)
+
+
+def _reverse_over_reverse(loss: Callable[[Tensor], Tensor], theta: Tensor, V: Tensor) -> Tensor:
+    _, pullback = vjp(grad(loss), theta)
+    return vmap(lambda v: pullback(v)[0])(V)
+
+
+def _autograd_loop(loss: Callable[[Tensor], Tensor], theta: Tensor, V: Tensor) -> Tensor:
+    with torch.enable_grad():
+        leaf = theta.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+        rows = [torch.autograd.grad(g @ v, leaf, retain_graph=True)[0] for v in V]
+    return torch.stack(rows)
+
+
+_HVP_BY_MODE = {
+    "forward-over-reverse": _forward_over_reverse,
+    "reverse-over-reverse": _reverse_over_reverse,
+    "loop": _autograd_loop,
+}

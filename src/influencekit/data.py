@@ -1,0 +1,193 @@
+"""Examples in, index-stable batches out.
+
+Training and test data may be given as a pair of tensors (or NumPy arrays) ``(X, y)``, a
+``torch.utils.data.Dataset`` whose items are ``(input, target)`` pairs, or a ``DataLoader`` over
+such a dataset. Whatever the form, example ``i`` is item ``i`` of the underlying data set (a
+shuffling loader is read in order), so score columns line up with the user's own indexing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data.dataloader import default_collate
+
+from .errors import EmptyDatasetError, NonFiniteError, ShapeMismatchError
+
+
+def _as_tensor(array: Any, what: str) -> Tensor:
+    if isinstance(array, Tensor):
+        return array
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(array))
+    raise TypeError(f"{what} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}.")
+
+
+class ExampleSet:
+    """A fixed, ordered set of ``(input, target)`` examples.
+
+    Args:
+        data: ``(X, y)`` tensors/arrays with the same first dimension, a Dataset of pairs, or a
+            DataLoader (its dataset, collate function and workers are used, read in order).
+        name: what to call this set in error messages (``"training data"``, ``"test data"``).
+    """
+
+    def __init__(self, data: Any, name: str = "data") -> None:
+        self.name = name
+        self._tensors: tuple[Tensor, Tensor] | None = None
+        self._dataset: Dataset | None = None
+        self._collate = default_collate
+        self._num_workers = 0
+        if isinstance(data, ExampleSet):
+            self.__dict__.update(data.__dict__)
+            self.name = name
+        elif isinstance(data, DataLoader):
+            if not isinstance(data.sampler, SequentialSampler | RandomSampler):
+                raise TypeError(
+                    f"{name}: a DataLoader with sampler {type(data.sampler).__name__} selects "
+                    "examples in a way influencekit cannot index. Pass a torch.utils.data.Subset "
+                    "of the dataset instead (any shuffling is fine)."
+                )
+            self._dataset = data.dataset
+            self._collate = data.collate_fn
+            self._num_workers = data.num_workers
+        elif isinstance(data, Dataset):
+            self._dataset = data
+        elif isinstance(data, tuple | list) and len(data) == 2:
+            X = _as_tensor(data[0], f"{name}: inputs")
+            y = _as_tensor(data[1], f"{name}: targets")
+            if X.ndim == 0 or y.ndim == 0 or X.shape[0] != y.shape[0]:
+                raise ShapeMismatchError(
+                    f"{name}: inputs and targets must have the same number of examples (first "
+                    f"dimension); got inputs {tuple(X.shape)} and targets {tuple(y.shape)}."
+                )
+            self._tensors = (X, y)
+        else:
+            raise TypeError(
+                f"{name} must be a pair (X, y) of tensors, a Dataset of (input, target) pairs or a "
+                f"DataLoader; got {type(data).__name__}."
+            )
+        if len(self) == 0:
+            raise EmptyDatasetError(f"{name} has no examples; at least one is needed.")
+        if self._dataset is not None:
+            first = self._dataset[0]
+            if not (isinstance(first, tuple | list) and len(first) == 2):
+                raise TypeError(
+                    f"{name}: each item of the dataset must be an (input, target) pair; item 0 is "
+                    f"a {type(first).__name__}."
+                )
+
+    def __len__(self) -> int:
+        if self._tensors is not None:
+            return int(self._tensors[0].shape[0])
+        return len(self._dataset)  # type: ignore[arg-type]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, without the batch dimension."""
+        if self._tensors is not None:
+            return tuple(self._tensors[0].shape[1:])
+        return tuple(torch.as_tensor(self._dataset[0][0]).shape)  # type: ignore[index]
+
+    def take(self, indices: Tensor | list[int], device: torch.device | None = None,
+             dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The examples at ``indices`` as a batch ``(X, y)`` with X ``(k, *input_shape)``."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        n = len(self)
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(
+                f"{self.name}: indices must lie in [0, {n}); got values from {int(idx.min())} to "
+                f"{int(idx.max())}."
+            )
+        idx = idx % n
+        if self._tensors is not None:
+            X, y = self._tensors
+            cpu_idx = idx.to(X.device)
+            batch = (X[cpu_idx], y[cpu_idx.to(y.device)])
+        else:
+            batch = self._collate([self._dataset[int(i)] for i in idx])  # type: ignore[index]
+        return _convert(batch, device, dtype, self.name)
+
+    def without(self, indices: Tensor | list[int]) -> ExampleSet:
+        """The same examples minus those at ``indices`` (order kept), e.g. for leave-one-out."""
+        n = len(self)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[torch.as_tensor(indices, dtype=torch.long).reshape(-1)] = False
+        if self._tensors is not None:
+            X, y = self._tensors
+            return ExampleSet((X[keep.to(X.device)], y[keep.to(y.device)]), self.name)
+        subset = ExampleSet(Subset(self._dataset, torch.nonzero(keep).flatten().tolist()),  # type: ignore[arg-type]
+                            self.name)
+        subset._collate, subset._num_workers = self._collate, self._num_workers
+        return subset
+
+    def batches(self, chunk_size: int, device: torch.device | None = None,
+                dtype: torch.dtype | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """Consecutive batches ``(rows, X, y)`` covering the examples in order.
+
+        ``rows`` is the slice of example indices the batch holds.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        n = len(self)
+        if self._tensors is not None:
+            X, y = self._tensors
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                yield slice(start, stop), *_convert((X[start:stop], y[start:stop]), device,
+                                                    dtype, self.name)
+            return
+        loader = DataLoader(self._dataset, batch_size=chunk_size, shuffle=False,  # type: ignore[arg-type]
+                            collate_fn=self._collate, num_workers=self._num_workers)
+        start = 0
+        for batch in loader:
+            X, y = _convert(batch, device, dtype, self.name)
+            stop = start + X.shape[0]
+            yield slice(start, stop), X, y
+            start = stop
+
+
+def _convert(batch: Any, device: torch.device | None, dtype: torch.dtype | None,
+             name: str) -> tuple[Tensor, Tensor]:
+    if not (isinstance(batch, tuple | list) and len(batch) == 2):
+        raise TypeError(f"{name}: a batch must be an (inputs, targets) pair, got {type(batch)}.")
+    X = _as_tensor(batch[0], f"{name}: inputs")
+    y = _as_tensor(batch[1], f"{name}: targets")
+    if dtype is not None:
+        if X.is_floating_point():
+            X = X.to(dtype)
+        if y.is_floating_point():
+            y = y.to(dtype)
+    if device is not None:
+        X, y = X.to(device), y.to(device)
+    return X, y
+
+
+def check_finite(X: Tensor, y: Tensor, rows: slice, name: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first examples whose input or target is NaN/inf."""
+    bad = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
+    for part in (X, y):
+        if part.is_floating_point() or part.is_complex():
+            bad |= ~torch.isfinite(part.reshape(part.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        where = (torch.nonzero(bad).flatten() + rows.start).tolist()
+        raise NonFiniteError(
+            f"{name} contains NaN or infinite values at example(s) {where[:10]}"
+            f"{' ...' if len(where) > 10 else ''}. Remove or impute them before computing "
+            "influence."
+        )
+
+
+def check_compatible(reference_shape: tuple[int, ...], data: ExampleSet) -> None:
+    """Raise :class:`ShapeMismatchError` if ``data``'s inputs differ in shape from the reference."""
+    shape = data.input_shape
+    if shape != reference_shape:
+        raise ShapeMismatchError(
+            f"{data.name} has inputs of shape {shape} per example, but the training inputs have "
+            f"shape {reference_shape}. Pass inputs shaped like the training inputs."
+        )

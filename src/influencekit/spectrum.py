@@ -1,0 +1,51 @@
+"""Extreme eigenvalues of a symmetric operator from its matrix-vector products (Lanczos).
+
+Used to set LiSSA's scale and to diagnose curvature without forming the matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def lanczos_ritz_values(matvec: Callable[[Tensor], Tensor], dim: int, num_iter: int = 30,
+                        seed: int = 0, dtype: torch.dtype = torch.float64,
+                        device: torch.device | str = "cpu") -> Tensor:
+    """Ritz values of a symmetric p×p operator after ``num_iter`` Lanczos steps.
+
+    With full reorthogonalisation. The largest Ritz value approaches λ_max from below quickly; the
+    smallest approaches λ_min from above, more slowly.
+
+    Args:
+        matvec: maps ``(1, p)`` to ``(1, p)``.
+        dim: p.
+
+    Returns:
+        ``(j,)`` Ritz values in ascending order, j ≤ ``num_iter``.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
+    q = q / q.norm()
+    basis = [q]
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    for step in range(min(num_iter, dim)):
+        w = matvec(basis[-1].to(dtype).unsqueeze(0))[0].to(torch.float64)
+        alpha = torch.dot(w, basis[-1])
+        alphas.append(alpha)
+        Q = torch.stack(basis)
+        w = w - Q.T @ (Q @ w)
+        w = w - Q.T @ (Q @ w)
+        beta = w.norm()
+        if step == min(num_iter, dim) - 1 or beta <= 1e-12 * alpha.abs().clamp_min(1e-300):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    T = torch.diag(torch.stack(alphas))
+    if betas:
+        off = torch.stack(betas[: len(alphas) - 1])
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigvalsh(T.cpu())
