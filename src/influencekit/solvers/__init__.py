@@ -1,0 +1,26 @@
+"""Inverse-Hessian-vector-product solvers behind one interface (see :class:`Solver`)."""
+
+from __future__ import annotations
+
+from ..errors import UnknownSolverError
+from .base import Solver, SolveReport
+from .cg import CG
+from .direct import Direct
+from .lissa import LiSSA
+
+SOLVERS: dict[str, type[Solver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA}
+
+
+def make_solver(spec: str | Solver) -> Solver:
+    """A solver from its name (``"direct"``, ``"cg"``, ``"lissa"``) or a solver object as is."""
+    if isinstance(spec, Solver):
+        return spec
+    if isinstance(spec, str) and spec.lower() in SOLVERS:
+        return SOLVERS[spec.lower()]()
+    raise UnknownSolverError(
+        f"Unknown solver {spec!r}. Expected one of {sorted(SOLVERS)} or a solver object such as "
+        "influencekit.solvers.CG(tol=1e-8)."
+    )
+
+
+__all__ = ["CG", "SOLVERS", "Direct", "LiSSA", "SolveReport", "Solver", "make_solver"]

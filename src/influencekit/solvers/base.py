@@ -1,0 +1,98 @@
+"""The interface every inverse-Hessian-vector-product method implements.
+
+A solver is prepared once on the damped Hessian operator A = H + λ_d·I (factorising it, estimating
+its spectrum, ...) and then maps blocks of right-hand sides V, ``(k, p)``, to X ≈ A⁻¹V row by row.
+After each solve it leaves a :class:`SolveReport` saying how well it solved.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..curvature import HessianOperator
+from ..errors import NotFittedError
+
+
+@dataclass
+class SolveReport:
+    """How well the last solve went.
+
+    Attributes:
+        solver: the solver's name.
+        relative_residual: max over right-hand sides of ‖A·x − v‖ / ‖v‖.
+        iterations: iterations run (iterative solvers), else ``None``.
+        converged: whether the solver reached its own stopping criterion.
+        damping: the damping λ_d the solution includes (LiSSA adds scale × its own damping).
+        min_eigenvalue: smallest eigenvalue of A, when known (Direct).
+        max_eigenvalue: largest eigenvalue of A, when known (Direct, LiSSA's estimate).
+        details: solver-specific figures.
+    """
+
+    solver: str
+    relative_residual: float
+    iterations: int | None = None
+    converged: bool = True
+    damping: float = 0.0
+    min_eigenvalue: float | None = None
+    max_eigenvalue: float | None = None
+    details: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = [f"{self.solver}: relative residual {self.relative_residual:.2e}"]
+        if self.iterations is not None:
+            parts.append(f"{self.iterations} iterations")
+        if not self.converged:
+            parts.append("NOT converged")
+        if self.min_eigenvalue is not None:
+            parts.append(f"λ_min(A) {self.min_eigenvalue:.3g}")
+        if self.max_eigenvalue is not None:
+            parts.append(f"λ_max(A) {self.max_eigenvalue:.3g}")
+        parts.append(f"damping {self.damping:g}")
+        parts.extend(f"{k} {v:.4g}" for k, v in self.details.items())
+        return ", ".join(parts)
+
+
+class Solver(ABC):
+    """Computes A⁻¹V for the damped Hessian A = H + λ_d·I."""
+
+    name: str = "solver"
+
+    def __init__(self) -> None:
+        self._operator: HessianOperator | None = None
+        self.last_report: SolveReport | None = None
+
+    def prepare(self, operator: HessianOperator) -> Solver:
+        """Bind to the operator and do any one-off work (factorisation, spectrum estimates)."""
+        self._operator = operator
+        return self
+
+    @property
+    def operator(self) -> HessianOperator:
+        if self._operator is None:
+            raise NotFittedError(f"{type(self).__name__} is not prepared; call prepare(operator).")
+        return self._operator
+
+    def solve(self, V: Tensor) -> Tensor:
+        """X with rows x_j = A⁻¹ v_j, for ``V`` of shape ``(k, p)`` (or ``(p,)``)."""
+        single = V.ndim == 1
+        V = V.reshape(-1, self.operator.dim).to(self.operator.dtype)
+        X = self._solve(V) if V.shape[0] else V.clone()
+        return X[0] if single else X
+
+    @abstractmethod
+    def _solve(self, V: Tensor) -> Tensor:
+        """Solve for a non-empty ``(k, p)`` block; set ``self.last_report``."""
+
+    def _relative_residual(self, X: Tensor, V: Tensor) -> float:
+        R = self.operator.matvec(X) - V
+        return _max_ratio(R, V)
+
+
+def _max_ratio(R: Tensor, V: Tensor) -> float:
+    norms = V.norm(dim=1)
+    ratio = R.norm(dim=1) / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return float(ratio.max())

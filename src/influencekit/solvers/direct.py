@@ -1,0 +1,79 @@
+"""Direct solve with the explicit Hessian (small models: p up to a few thousand).
+
+Forms A = H + λ_d·I column block by column block, takes its symmetric eigendecomposition
+A = Q·diag(μ)·Qᵀ in float64 once, and answers every solve as X = ((V·Q)/μ)·Qᵀ. A matrix whose
+smallest eigenvalue μ_min is not clearly positive is refused, with the damping that would fix it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..curvature import HessianOperator
+from ..errors import IndefiniteHessianError
+from .base import Solver, SolveReport, _max_ratio
+
+
+class Direct(Solver):
+    """Exact solve through the eigendecomposition of the explicit damped Hessian.
+
+    Args:
+        max_dim: refuse models with more tracked parameters than this (the p×p matrix and its
+            eigendecomposition cost O(p²) memory and O(p³) time).
+        block: Hessian columns formed per pass over the training data.
+    """
+
+    name = "direct"
+
+    def __init__(self, max_dim: int = 20_000, block: int = 256) -> None:
+        super().__init__()
+        self.max_dim = max_dim
+        self.block = block
+        self.eigenvalues_: Tensor | None = None
+
+    def prepare(self, operator: HessianOperator) -> Direct:
+        super().prepare(operator)
+        p = operator.dim
+        if p > self.max_dim:
+            raise ValueError(
+                f"Direct forms the explicit {p}×{p} Hessian, above max_dim={self.max_dim}. Use "
+                "solver='cg' (or 'lissa'), track fewer parameters, or raise Direct(max_dim=...)."
+            )
+        A = operator.dense(self.block).to(torch.float64)
+        mu, Q = torch.linalg.eigh(A)
+        mu_min, mu_max = float(mu[0]), float(mu[-1])
+        floor = p * torch.finfo(operator.dtype).eps * max(abs(mu_max), 1e-300)
+        if mu_min <= floor:
+            raise IndefiniteHessianError(_indefinite_message(mu_min, mu_max, operator.damping))
+        self._A, self._Q, self.eigenvalues_ = A, Q, mu
+        return self
+
+    def _solve(self, V: Tensor) -> Tensor:
+        V64 = V.to(torch.float64)
+        X64 = ((V64 @ self._Q) / self.eigenvalues_) @ self._Q.T
+        mu = self.eigenvalues_
+        self.last_report = SolveReport(
+            solver=self.name,
+            relative_residual=_max_ratio(X64 @ self._A - V64, V64),
+            damping=self.operator.damping,
+            min_eigenvalue=float(mu[0]),
+            max_eigenvalue=float(mu[-1]),
+            details={"condition_number": float(mu[-1] / mu[0])},
+        )
+        return X64.to(V.dtype)
+
+
+def _indefinite_message(mu_min: float, mu_max: float, damping: float) -> str:
+    hessian_min = mu_min - damping
+    needed = max(abs(hessian_min), 1e-12 * abs(mu_max), 1e-12)
+    suggestion = 10.0 ** math.ceil(math.log10(2.0 * needed))
+    return (
+        f"The damped Hessian H + {damping:g}·I is not positive definite: its smallest eigenvalue "
+        f"is {mu_min:.3g} (largest {mu_max:.3g}), so H⁻¹ does not describe a minimum. The model "
+        f"may not be trained to convergence, or the objective is not convex. Add damping, e.g. "
+        f"damping={suggestion:g} (about twice the most negative eigenvalue of H, "
+        f"{hessian_min:.3g}), or train the model further."
+    )
