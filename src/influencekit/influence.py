@@ -1,0 +1,306 @@
+"""Influence functions of a trained model (Koh & Liang 2017), behind one class.
+
+Conventions (the product's contract):
+
+- Orientation: score matrices are ``(m, n)``: rows are test points, columns training points.
+- ``influence`` returns I_up,loss(z_i, z_test) = −∇_θ L_test(z_test)ᵀ · A⁻¹ · ∇_θ L(z_i), the
+  derivative of the test loss when training point z_i is up-weighted, with A = H + λ_d·I.
+- ``loo_change`` returns −I_up,loss / n: the predicted change of the test loss when z_i is
+  removed and the model retrained on the other n − 1 points with the same objective. Positive
+  means removing z_i raises the test loss: z_i is helpful. Negative: harmful.
+- The training loss of every point carries (λ/2)·‖θ‖² (see :mod:`influencekit.objective`); the
+  test measurement does not; damping λ_d is separate and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad
+from tqdm.auto import tqdm
+
+from .curvature import HessianOperator, HVPMode
+from .data import ExampleSet, check_compatible, check_finite
+from .errors import NonFiniteError, NotFittedError, ObjectiveMismatchError
+from .gradients import GradientComputer
+from .objective import Objective
+from .parameters import TrackedParameters, evaluation_mode
+from .solvers import Solver, SolveReport, make_solver
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TopK:
+    """The most helpful and most harmful training points for each test point.
+
+    Scores are predicted leave-one-out changes of the test loss (``loo_change`` = −I_up,loss/n):
+    removing a helpful point raises the test loss (score > 0), removing a harmful one lowers it.
+
+    Attributes:
+        helpful: ``(m, k)`` training indices, most helpful first.
+        helpful_scores: ``(m, k)`` their loo_change, descending.
+        harmful: ``(m, k)`` training indices, most harmful first.
+        harmful_scores: ``(m, k)`` their loo_change, ascending.
+    """
+
+    helpful: Tensor
+    helpful_scores: Tensor
+    harmful: Tensor
+    harmful_scores: Tensor
+
+
+class Influence:
+    """Influence of training points on a trained model's test losses.
+
+    Args:
+        model: the trained network; evaluated in eval mode, never modified.
+        objective: per-example training loss and test measurement (with its weight decay λ).
+        train: the training set the model was fitted on: ``(X, y)``, a Dataset or a DataLoader.
+        solver: ``"direct"``, ``"cg"``, ``"lissa"`` or a solver object with its settings.
+        damping: λ_d ≥ 0 added to the Hessian (separate from the weight decay).
+        params: names or module prefixes of the parameters to track (``None``: all trainable).
+        chunk_size: examples per vectorised pass; bounds memory, never changes the scores.
+        hvp_mode: ``"auto"`` (forward-over-reverse, falling back), or one mode of
+            :class:`~influencekit.curvature.HessianOperator`.
+        vectorize: per-example gradients with ``torch.func.vmap`` (falls back to a loop).
+        progress: show progress bars on long passes.
+
+    Example:
+        >>> inf = Influence(model, CrossEntropyObjective(weight_decay=0.01), (X, y)).fit()
+        >>> inf.loo_change((X_test, y_test)).shape   # (m, n)
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, train: Any,
+                 solver: str | Solver = "cg", damping: float = 0.0,
+                 params: Sequence[str] | str | None = None, chunk_size: int = 256,
+                 hvp_mode: HVPMode = "auto", vectorize: bool = True,
+                 progress: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                f"objective must be an influencekit.Objective (e.g. CrossEntropyObjective()), got "
+                f"{type(objective).__name__}."
+            )
+        if not (isinstance(damping, int | float) and math.isfinite(damping) and damping >= 0):
+            raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}.")
+        if not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        self.model = model
+        self.objective = objective
+        self.train_data = ExampleSet(train, "training data")
+        self.solver = make_solver(solver)
+        self.damping = float(damping)
+        self.params = params
+        self.chunk_size = chunk_size
+        self.hvp_mode = hvp_mode
+        self.vectorize = vectorize
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self) -> Influence:
+        """Check the data and objective, bind θ̂, and prepare the solver. Returns ``self``."""
+        tracked = self.tracked_ = TrackedParameters(self.model, self.params)
+        theta = tracked.flat()
+        gradients = GradientComputer(tracked, self.objective, self.vectorize)
+        with evaluation_mode(self.model):
+            gradient = self._check_training_data(gradients, theta)
+            operator = HessianOperator(gradients, self.train_data, theta, self.damping,
+                                       self.chunk_size, self.hvp_mode, self.progress)
+            self.solver.prepare(operator)
+        self.theta_ = theta
+        self.gradients_ = gradients
+        self.operator_ = operator
+        self.num_train_ = len(self.train_data)
+        self.input_shape_ = self.train_data.input_shape
+        self.train_gradient_norm_ = float(gradient.norm())
+        logger.info(
+            "Fitted influence over %d parameters and %d training points; ‖∇R(θ̂)‖ = %.3g.",
+            tracked.dim, self.num_train_, self.train_gradient_norm_,
+        )
+        return self
+
+    def _check_training_data(self, gradients: GradientComputer, theta: Tensor) -> Tensor:
+        """One pass: finite data, objective fits, finite losses; returns ∇R(θ̂)."""
+        total = torch.zeros_like(theta)
+        for rows, X, y in self._batches(self.train_data, "checking training data"):
+            self._check_batch(gradients, theta, rows, X, y, test=False)
+
+            def batch_loss(th: Tensor, X: Tensor = X, y: Tensor = y) -> Tensor:
+                return gradients.losses(th, X, y).sum()
+
+            total += grad(batch_loss)(theta)
+        return total / len(self.train_data) + self.objective.weight_decay * theta
+
+    def _check_batch(self, gradients: GradientComputer, theta: Tensor, rows: slice, X: Tensor,
+                     y: Tensor, test: bool) -> None:
+        name = "test data" if test else "training data"
+        check_finite(X, y, rows, name)
+        with torch.no_grad():
+            outputs = gradients.tracked.forward(theta, X)
+            self.objective.check(outputs, y)
+            losses = gradients.losses(theta, X, y, test=test)
+        method = "test_loss" if test else "train_loss"
+        if losses.shape != (X.shape[0],):
+            raise ObjectiveMismatchError(
+                f"{type(self.objective).__name__}.{method} must return one value per example, "
+                f"shape ({X.shape[0]},) for this batch; got shape {tuple(losses.shape)}. Use "
+                "reduction='none' and reduce over all but the batch dimension."
+            )
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            where = (torch.nonzero(bad).flatten() + rows.start).tolist()
+            raise NonFiniteError(
+                f"The {'test measurement' if test else 'training loss'} is NaN or infinite on "
+                f"{name} example(s) {where[:10]}. Check the model's outputs there (overflow, "
+                "log of zero); the influence of a non-finite loss is undefined."
+            )
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "theta_"):
+            raise NotFittedError(
+                "This Influence is not fitted yet: call fit() before computing influence "
+                "(inf = Influence(...).fit())."
+            )
+
+    def _batches(self, data: ExampleSet,
+                 description: str) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        batches = data.batches(self.chunk_size, self._device(), self._dtype())
+        total = math.ceil(len(data) / self.chunk_size)
+        return iter(tqdm(batches, total=total, desc=description, leave=False,
+                         disable=not self.progress))
+
+    def _dtype(self) -> torch.dtype:
+        return self.tracked_.dtype
+
+    def _device(self) -> torch.device:
+        return self.tracked_.device
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _test_set(self, test: Any) -> ExampleSet:
+        data = ExampleSet(test, "test data")
+        check_compatible(self.input_shape_, data)
+        return data
+
+    def test_gradients(self, test: Any) -> Tensor:
+        """``(m, p)`` gradients of the test measurement at each test point (no regulariser)."""
+        self._require_fitted()
+        data = self._test_set(test)
+        rows = []
+        with evaluation_mode(self.model):
+            for idx, X, y in self._batches(data, "test gradients"):
+                self._check_batch(self.gradients_, self.theta_, idx, X, y, test=True)
+                rows.append(self.gradients_.test(self.theta_, X, y))
+        return torch.cat(rows)
+
+    def train_gradients(self, indices: Tensor | Sequence[int] | None = None) -> Tensor:
+        """``(k, p)`` training gradients ∇_θ L(z_i) (regulariser included) for ``indices``.
+
+        With ``indices=None`` this materialises the full ``(n, p)`` matrix, which the scoring
+        methods never do.
+        """
+        self._require_fitted()
+        with evaluation_mode(self.model):
+            if indices is not None:
+                X, y = self.train_data.take(indices, self._device(), self._dtype())
+                return torch.cat([self.gradients_.train(self.theta_, X[s], y[s])
+                                  for s in _slices(X.shape[0], self.chunk_size)])
+            return torch.cat([G for _, G in self._train_gradient_chunks("training gradients")])
+
+    def _train_gradient_chunks(self, description: str) -> Iterator[tuple[slice, Tensor]]:
+        for rows, X, y in self._batches(self.train_data, description):
+            yield rows, self.gradients_.train(self.theta_, X, y)
+
+    def solve(self, V: Tensor) -> Tensor:
+        """A⁻¹·v for each row of ``V`` ``(k, p)``, A = H + λ_d·I; see :attr:`last_solve_report`."""
+        self._require_fitted()
+        with evaluation_mode(self.model):
+            return self.solver.solve(V)
+
+    @property
+    def last_solve_report(self) -> SolveReport | None:
+        """How well the most recent solve went (residual, iterations, eigenvalues)."""
+        return self.solver.last_report
+
+    # ------------------------------------------------------------------ scores
+
+    def influence(self, test: Any) -> Tensor:
+        """I_up,loss of every training point on every test point, ``(m, n)``.
+
+        I[j, i] = −∇_θ L_test(z_j)ᵀ (H + λ_d·I)⁻¹ ∇_θ L(z_i). All test points share one block
+        solve and one pass over the training data.
+        """
+        S = self.solve(self.test_gradients(test))
+        out = torch.empty(S.shape[0], self.num_train_, dtype=S.dtype, device=S.device)
+        with evaluation_mode(self.model):
+            for rows, G in self._train_gradient_chunks("scoring training points"):
+                out[:, rows] = -(S @ G.T)
+        return out
+
+    def loo_change(self, test: Any) -> Tensor:
+        """Predicted change of each test loss when each training point is removed, ``(m, n)``.
+
+        loo_change = −I_up,loss / n. Positive: the point is helpful (removing it raises the test
+        loss). Negative: harmful.
+        """
+        return -self.influence(test) / self.num_train_
+
+    def params_influence(self, train_indices: Tensor | Sequence[int]) -> Tensor:
+        """I_up,params = −(H + λ_d·I)⁻¹ ∇_θ L(z_i) for the given training points, ``(k, p)``.
+
+        −I_up,params / n predicts the change of θ̂ when the point is removed.
+        """
+        return -self.solve(self.train_gradients(train_indices))
+
+    def perturbation_influence(self, test: Any, train_indices: Tensor | Sequence[int]) -> Tensor:
+        """I_pert,loss: gradient of each test loss w.r.t. each chosen training input.
+
+        Q[j, k] = −∇_x [∇_θ L_test(z_j)ᵀ (H + λ_d·I)⁻¹ ∇_θ L(x, y_k)] at x = x_k; shape
+        ``(m, k, *input_shape)``. Moving x_k by δ changes test loss j by about ⟨Q[j, k], δ⟩/n.
+        """
+        S = self.solve(self.test_gradients(test))
+        X, y = self.train_data.take(train_indices, self._device(), self._dtype())
+        with evaluation_mode(self.model):
+            parts = [self.gradients_.input_gradients(self.theta_, S, X[s], y[s])
+                     for s in _slices(X.shape[0], self.chunk_size)]
+        return -torch.cat(parts, dim=1)
+
+    def self_influence(self) -> Tensor:
+        """I_up,loss(z_i, z_i) for every training point, ``(n,)``, without an n × n matrix.
+
+        = −∇_θ L_test(z_i)ᵀ (H + λ_d·I)⁻¹ ∇_θ L(z_i). Typically negative: the more negative, the
+        more the point holds up its own fit (mislabelled points come first when sorted
+        ascending). Costs one solve per training point (in blocks of ``chunk_size``).
+        """
+        self._require_fitted()
+        out = torch.empty(self.num_train_, dtype=self.theta_.dtype, device=self.theta_.device)
+        for rows, X, y in self._batches(self.train_data, "self-influence"):
+            with evaluation_mode(self.model):
+                G_train = self.gradients_.train(self.theta_, X, y)
+                G_test = self.gradients_.test(self.theta_, X, y)
+                S = self.solver.solve(G_test)
+            out[rows] = -(S * G_train).sum(dim=1)
+        return out
+
+    def top_k(self, test: Any, k: int = 10) -> TopK:
+        """The k most helpful and k most harmful training points per test point (:class:`TopK`)."""
+        scores = self.loo_change(test)
+        k = min(k, scores.shape[1])
+        if k < 1:
+            raise ValueError(f"k must be ≥ 1, got {k}.")
+        helpful_scores, helpful = scores.topk(k, dim=1, largest=True)
+        harmful_scores, harmful = scores.topk(k, dim=1, largest=False)
+        return TopK(helpful, helpful_scores, harmful, harmful_scores)
+
+
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
