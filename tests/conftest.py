@@ -1,0 +1,155 @@
+"""Tiny problems and independent references (dense float64 Hessians, not via influencekit)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import influencekit as ik
+from influencekit.training import minimize
+
+
+@dataclass
+class Problem:
+    """A trained tiny model with its data and an independent flat-θ view of its objective."""
+
+    model: nn.Module
+    objective: ik.Objective
+    X: Tensor
+    y: Tensor
+    X_test: Tensor
+    y_test: Tensor
+    names: list[str]
+
+    @property
+    def train(self) -> tuple[Tensor, Tensor]:
+        return self.X, self.y
+
+    @property
+    def test(self) -> tuple[Tensor, Tensor]:
+        return self.X_test, self.y_test
+
+    def theta(self) -> Tensor:
+        named = dict(self.model.named_parameters())
+        return torch.cat([named[n].detach().reshape(-1) for n in self.names])
+
+    def params_of(self, theta: Tensor) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        out, offset = {}, 0
+        for n in self.names:
+            size = named[n].numel()
+            out[n] = theta[offset : offset + size].reshape(named[n].shape)
+            offset += size
+        return out
+
+    def outputs(self, theta: Tensor, X: Tensor) -> Tensor:
+        return functional_call(self.model, self.params_of(theta), (X,))
+
+    def risk(self) -> Callable[[Tensor], Tensor]:
+        """R(θ) = mean ℓ + (λ/2)‖θ‖² over the training set, as a function of flat θ."""
+        wd = self.objective.weight_decay
+
+        def risk(theta: Tensor) -> Tensor:
+            losses = self.objective.train_loss(self.outputs(theta, self.X), self.y)
+            return losses.mean() + 0.5 * wd * theta.pow(2).sum()
+
+        return risk
+
+    def dense_hessian(self, damping: float = 0.0) -> Tensor:
+        H = torch.func.hessian(self.risk())(self.theta())
+        return H + damping * torch.eye(H.shape[0], dtype=H.dtype)
+
+    def train_grad(self, i: int) -> Tensor:
+        """∇_θ L(z_i) by plain autograd (regulariser included)."""
+        theta = self.theta().requires_grad_(True)
+        loss = self.objective.train_loss(self.outputs(theta, self.X[i : i + 1]), self.y[i : i + 1])
+        loss = loss.sum() + self.objective.regularizer(theta)
+        return torch.autograd.grad(loss, theta)[0]
+
+    def test_grad(self, X: Tensor, y: Tensor) -> Tensor:
+        theta = self.theta().requires_grad_(True)
+        loss = self.objective.test_loss(self.outputs(theta, X[None]), y[None]).sum()
+        return torch.autograd.grad(loss, theta)[0]
+
+    def reference_influence(self, damping: float = 0.0) -> Tensor:
+        """(m, n) I_up,loss from the dense Hessian and autograd gradients."""
+        H = self.dense_hessian(damping)
+        G_train = torch.stack([self.train_grad(i) for i in range(self.X.shape[0])])
+        pairs = zip(self.X_test, self.y_test, strict=True)
+        G_test = torch.stack([self.test_grad(x, t) for x, t in pairs])
+        return -G_test @ torch.linalg.solve(H, G_train.T)
+
+
+def _classification_data(n: int, d: int, classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = 1.5 * torch.randn(classes, d, generator=g, dtype=torch.float64)
+    y = torch.randint(classes, (n,), generator=g)
+    X = centers[y] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    return X, y
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def make_logreg(n: int = 60, d: int = 5, classes: int = 3, weight_decay: float = 0.05,
+                seed: int = 0) -> Problem:
+    X, y = _classification_data(n + 10, d, classes, seed)
+    torch.manual_seed(seed)
+    model = nn.Linear(d, classes, bias=False).double()
+    objective = ik.CrossEntropyObjective(weight_decay=weight_decay)
+    minimize(model, objective, (X[:n], y[:n]), tol=1e-12)
+    return Problem(model, objective, X[:n], y[:n], X[n:], y[n:], ["weight"])
+
+
+def make_binary_logreg(n: int = 50, d: int = 4, weight_decay: float = 0.0,
+                       seed: int = 1) -> Problem:
+    X, y = _classification_data(n + 8, d, 2, seed)
+    torch.manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).double()
+    objective = ik.BinaryLogisticObjective(weight_decay=weight_decay if weight_decay else 0.05)
+    minimize(model, objective, (X[:n], y[:n]), tol=1e-12)
+    return Problem(model, ik.BinaryLogisticObjective(weight_decay=weight_decay), X[:n], y[:n],
+                   X[n:], y[n:], ["weight"])
+
+
+def make_mlp(n: int = 40, d: int = 4, hidden: int = 5, classes: int = 3,
+             weight_decay: float = 0.01, seed: int = 2) -> Problem:
+    """A tanh MLP trained by Adam then polished by Newton to a strict local minimum."""
+    X, y = _classification_data(n + 6, d, classes, seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, classes)).double()
+    objective = ik.CrossEntropyObjective(weight_decay=weight_decay)
+    ik.training.train_steps(model, objective, (X[:n], y[:n]), steps=300, lr=0.05, batch_size=n)
+    minimize(model, objective, (X[:n], y[:n]), tol=1e-11)
+    names = [name for name, _ in model.named_parameters()]
+    return Problem(model, objective, X[:n], y[:n], X[n:], y[n:], names)
+
+
+@pytest.fixture(scope="session")
+def logreg() -> Problem:
+    return make_logreg()
+
+
+@pytest.fixture(scope="session")
+def binary_logreg() -> Problem:
+    return make_binary_logreg()
+
+
+@pytest.fixture(scope="session")
+def mlp() -> Problem:
+    return make_mlp()
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]).double())[0, 1])

@@ -1,0 +1,62 @@
+"""Hessian-vector products against a dense torch.func.hessian, in every mode and chunking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influencekit.curvature import HessianOperator
+from influencekit.data import ExampleSet
+from influencekit.gradients import GradientComputer
+from influencekit.parameters import TrackedParameters
+from influencekit.spectrum import lanczos_ritz_values
+
+from conftest import Problem
+
+
+def _operator(problem: Problem, damping: float = 0.0, chunk_size: int = 7,
+              mode: str = "auto") -> HessianOperator:
+    tracked = TrackedParameters(problem.model)
+    return HessianOperator(GradientComputer(tracked, problem.objective),
+                           ExampleSet(problem.train), tracked.flat(), damping, chunk_size,
+                           mode)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "binary_logreg"])
+@pytest.mark.parametrize("mode", ["forward-over-reverse", "reverse-over-reverse", "loop"])
+def test_hvp_equals_dense_hessian_product(name: str, mode: str,
+                                          request: pytest.FixtureRequest) -> None:
+    problem: Problem = request.getfixturevalue(name)
+    H = problem.dense_hessian(damping=0.3)
+    op = _operator(problem, damping=0.3, mode=mode)
+    V = torch.randn(4, H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), V @ H, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.matvec(V[0]), H @ V[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_dense_matrix_equals_torch_func_hessian_for_any_chunk_size(mlp: Problem,
+                                                                   chunk_size: int) -> None:
+    op = _operator(mlp, damping=0.01, chunk_size=chunk_size)
+    torch.testing.assert_close(op.dense(block=10), mlp.dense_hessian(0.01), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_sampled_products_use_only_the_chosen_examples(mlp: Problem) -> None:
+    op = _operator(mlp, damping=0.2)
+    idx = torch.tensor([[0, 3, 3, 9], [5, 6, 7, 8]])
+    V = torch.randn(2, 3, op.dim, dtype=torch.float64)
+    out = op.sampled_matvec(V, idx)
+    for r in range(2):
+        sub = Problem(mlp.model, mlp.objective, mlp.X[idx[r]], mlp.y[idx[r]], mlp.X_test,
+                      mlp.y_test, mlp.names)
+        torch.testing.assert_close(out[r], V[r] @ sub.dense_hessian(0.2), rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_lanczos_finds_the_extreme_eigenvalues(logreg: Problem) -> None:
+    H = logreg.dense_hessian()
+    exact = torch.linalg.eigvalsh(H)
+    ritz = lanczos_ritz_values(lambda v: v @ H, H.shape[0], num_iter=H.shape[0])
+    assert float(ritz[-1]) == pytest.approx(float(exact[-1]), rel=1e-8)
+    assert float(ritz[0]) == pytest.approx(float(exact[0]), rel=1e-6)

@@ -1,0 +1,100 @@
+"""Per-example gradients against a loop of backward(); input gradients against double backward."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import influencekit as ik
+from influencekit.gradients import GradientComputer
+from influencekit.parameters import TrackedParameters
+
+from conftest import Problem
+
+
+def _loop_of_backward(problem: Problem, test: bool = False) -> torch.Tensor:
+    rows = []
+    for i in range(problem.X.shape[0]):
+        problem.model.zero_grad()
+        out = problem.model(problem.X[i : i + 1])
+        fn = problem.objective.test_loss if test else problem.objective.train_loss
+        loss = fn(out, problem.y[i : i + 1]).sum()
+        if not test:
+            loss = loss + sum(0.5 * problem.objective.weight_decay * p.pow(2).sum()
+                              for p in problem.model.parameters())
+        loss.backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in problem.model.parameters()]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_per_example_gradients_equal_a_loop_of_backward(name: str,
+                                                        request: pytest.FixtureRequest) -> None:
+    problem: Problem = request.getfixturevalue(name)
+    tracked = TrackedParameters(problem.model)
+    computer = GradientComputer(tracked, problem.objective)
+    theta = tracked.flat()
+    torch.testing.assert_close(computer.train(theta, *problem.train), _loop_of_backward(problem),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(computer.test(theta, *problem.train),
+                               _loop_of_backward(problem, test=True), rtol=1e-10, atol=1e-12)
+
+
+class ItemInForward(nn.Module):
+    """A model vmap cannot batch: it reads a value with .item() inside forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if x.abs().max().item() < 1e6 else 0.5
+        return self.linear(x) * scale
+
+
+def test_models_vmap_cannot_handle_fall_back_to_a_loop_with_a_log_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = ItemInForward().double()
+    objective = ik.CrossEntropyObjective(weight_decay=0.1)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(3, (6,))
+    tracked = TrackedParameters(model)
+    computer = GradientComputer(tracked, objective)
+    with caplog.at_level(logging.WARNING, logger="influencekit.gradients"):
+        G = computer.train(tracked.flat(), X, y)
+    assert "one example at a time" in caplog.text
+    assert not computer.vectorize
+    reference = GradientComputer(TrackedParameters(model), objective, vectorize=False)
+    torch.testing.assert_close(G, reference.train(tracked.flat(), X, y))
+    problem = Problem(model, objective, X, y, X, y, [n for n, _ in model.named_parameters()])
+    torch.testing.assert_close(G, torch.stack([problem.train_grad(i) for i in range(6)]))
+
+
+def test_input_gradients_equal_double_backward(mlp: Problem) -> None:
+    tracked = TrackedParameters(mlp.model)
+    computer = GradientComputer(tracked, mlp.objective)
+    theta = tracked.flat()
+    S = torch.randn(3, theta.numel(), dtype=torch.float64)
+    X, y = mlp.X[:4], mlp.y[:4]
+    Q = computer.input_gradients(theta, S, X, y)
+    assert Q.shape == (3, 4, X.shape[1])
+    for k in range(4):
+        x = X[k].clone().requires_grad_(True)
+        th = theta.clone().requires_grad_(True)
+        loss = mlp.objective.train_loss(mlp.outputs(th, x[None]), y[k : k + 1]).sum()
+        (g,) = torch.autograd.grad(loss, th, create_graph=True)
+        for j in range(3):
+            (expected,) = torch.autograd.grad(g @ S[j], x, retain_graph=True)
+            torch.testing.assert_close(Q[j, k], expected, rtol=1e-10, atol=1e-12)
+    looped = GradientComputer(tracked, mlp.objective, vectorize=False)
+    torch.testing.assert_close(looped.input_gradients(theta, S, X, y), Q)
+
+
+def test_input_gradients_need_floating_point_inputs(logreg: Problem) -> None:
+    tracked = TrackedParameters(logreg.model)
+    computer = GradientComputer(tracked, logreg.objective)
+    with pytest.raises(TypeError, match="must be floating point"):
+        computer.input_gradients(tracked.flat(), torch.zeros(1, tracked.dim, dtype=torch.float64),
+                                 torch.zeros(2, 5, dtype=torch.long), logreg.y[:2])

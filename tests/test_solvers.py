@@ -1,0 +1,164 @@
+"""Every solver against a dense float64 solve; their diagnostics on bad problems."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import influencekit as ik
+from influencekit.curvature import HessianOperator
+from influencekit.data import ExampleSet
+from influencekit.gradients import GradientComputer
+from influencekit.parameters import TrackedParameters
+from influencekit.solvers import make_solver
+
+from conftest import Problem, make_logreg, pearson, relative_error
+
+
+def _operator(problem: Problem, damping: float = 0.0) -> HessianOperator:
+    tracked = TrackedParameters(problem.model)
+    return HessianOperator(GradientComputer(tracked, problem.objective),
+                           ExampleSet(problem.train), tracked.flat(), damping, 16)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+@pytest.mark.parametrize("solver", [ik.Direct(), ik.CG(tol=1e-13)])
+def test_exact_solvers_match_a_dense_solve(name: str, solver: ik.solvers.Solver,
+                                           request: pytest.FixtureRequest) -> None:
+    problem: Problem = request.getfixturevalue(name)
+    A = problem.dense_hessian(damping=0.001)
+    V = torch.randn(5, A.shape[0], dtype=torch.float64)
+    X = solver.prepare(_operator(problem, damping=0.001)).solve(V)
+    assert relative_error(X, torch.linalg.solve(A, V.T).T) < 1e-9
+    report = solver.last_report
+    assert report is not None and report.relative_residual < 1e-10 and report.converged
+
+
+def test_direct_reports_the_extreme_eigenvalues(logreg: Problem) -> None:
+    solver = ik.Direct().prepare(_operator(logreg, damping=0.5))
+    solver.solve(torch.ones(logreg.theta().numel(), dtype=torch.float64))
+    eigenvalues = torch.linalg.eigvalsh(logreg.dense_hessian(0.5))
+    assert solver.last_report.min_eigenvalue == pytest.approx(float(eigenvalues[0]), rel=1e-10)
+    assert solver.last_report.max_eigenvalue == pytest.approx(float(eigenvalues[-1]), rel=1e-10)
+    assert solver.last_report.damping == 0.5
+
+
+def _saddle_problem() -> Problem:
+    """An MLP at random initial weights: its Hessian has negative eigenvalues."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X = torch.randn(30, 3, dtype=torch.float64)
+    y = torch.randint(3, (30,))
+    problem = Problem(model, ik.CrossEntropyObjective(), X, y, X[:2], y[:2],
+                      [n for n, _ in model.named_parameters()])
+    assert float(torch.linalg.eigvalsh(problem.dense_hessian())[0]) < 0
+    return problem
+
+
+def test_direct_refuses_an_indefinite_hessian_and_suggests_damping() -> None:
+    with pytest.raises(ik.IndefiniteHessianError, match=r"not positive definite.*damping=\d"):
+        ik.Direct().prepare(_operator(_saddle_problem()))
+
+
+def test_cg_refuses_negative_curvature() -> None:
+    op = _operator(_saddle_problem())
+    V = torch.randn(8, op.dim, dtype=torch.float64)
+    with pytest.raises(ik.IndefiniteHessianError, match="Increase damping"):
+        ik.CG().prepare(op).solve(V)
+
+
+def test_cg_warns_when_it_stops_before_its_tolerance(mlp: Problem) -> None:
+    solver = ik.CG(tol=1e-12, max_iter=2).prepare(_operator(mlp))
+    with pytest.warns(ik.ConvergenceWarning, match="max_iter=2"):
+        solver.solve(torch.randn(3, mlp.theta().numel(), dtype=torch.float64))
+    assert not solver.last_report.converged
+    assert solver.last_report.iterations == 2
+    assert solver.last_report.relative_residual > 1e-12
+
+
+def test_cg_block_solves_right_hand_sides_independently(logreg: Problem) -> None:
+    solver = ik.CG(tol=1e-12).prepare(_operator(logreg))
+    V = torch.randn(6, logreg.theta().numel(), dtype=torch.float64)
+    V[2] = 0.0
+    block = solver.solve(V)
+    torch.testing.assert_close(block[2], torch.zeros_like(V[2]))
+    torch.testing.assert_close(block[4], solver.solve(V[4]), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_lissa_with_default_settings_agrees_with_the_dense_solve(
+        name: str, request: pytest.FixtureRequest) -> None:
+    problem: Problem = request.getfixturevalue(name)
+    damping = 0.01 if name == "mlp" else 0.0
+    inf = ik.Influence(problem.model, problem.objective, problem.train, solver="lissa",
+                       damping=damping).fit()
+    estimate = inf.influence(problem.test)
+    reference = problem.reference_influence(damping)
+    for row, ref in zip(estimate, reference, strict=True):
+        assert pearson(row, ref) >= 0.99
+
+
+def test_lissa_is_deterministic_given_its_seed(logreg: Problem) -> None:
+    V = torch.randn(2, logreg.theta().numel(), dtype=torch.float64)
+    op = _operator(logreg)
+    first = ik.LiSSA(depth=200, seed=5).prepare(op).solve(V)
+    second = ik.LiSSA(depth=200, seed=5).prepare(op).solve(V)
+    third = ik.LiSSA(depth=200, seed=6).prepare(op).solve(V)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not torch.equal(first, third)
+
+
+def test_lissa_with_too_small_a_scale_diverges_with_advice() -> None:
+    problem = make_logreg(weight_decay=0.05)
+    solver = ik.LiSSA(scale=0.01, depth=500).prepare(_operator(problem))
+    with pytest.raises(ik.SolverDivergedError, match=r"increase scale \(now 0.01"):
+        solver.solve(torch.randn(2, problem.theta().numel(), dtype=torch.float64))
+
+
+def test_lissa_paper_damping_adds_scale_times_d(logreg: Problem) -> None:
+    solver = ik.LiSSA(scale=10.0, depth=1200, damping=0.01, batch_size=1000, tail=0.0)
+    V = torch.randn(2, logreg.theta().numel(), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ik.ConvergenceWarning)
+        X = solver.prepare(_operator(logreg)).solve(V)
+    expected = torch.linalg.solve(logreg.dense_hessian(damping=10.0 * 0.01), V.T).T
+    assert relative_error(X, expected) < 1e-6
+    assert solver.last_report.damping == pytest.approx(0.1)
+
+
+def test_lissa_tail_average_and_paper_last_iterate_share_the_fixed_point(logreg: Problem) -> None:
+    V = torch.randn(1, logreg.theta().numel(), dtype=torch.float64)
+    expected = torch.linalg.solve(logreg.dense_hessian(), V.T).T
+    op = _operator(logreg)
+    for tail in (0.0, 0.5):  # full batches: the recursion is deterministic
+        X = ik.LiSSA(depth=1000, batch_size=1000, tail=tail).prepare(op).solve(V)
+        assert relative_error(X, expected) < 1e-6
+
+
+def test_unknown_solver_name_lists_the_known_ones() -> None:
+    with pytest.raises(ik.UnknownSolverError, match=r"Unknown solver 'newton'.*'cg'"):
+        make_solver("newton")
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: ik.CG(tol=0), "tol must be > 0"),
+        (lambda: ik.CG(max_iter=0), "max_iter must be ≥ 1"),
+        (lambda: ik.LiSSA(scale=-1), "scale must be > 0"),
+        (lambda: ik.LiSSA(depth=0), "depth must be a positive integer"),
+        (lambda: ik.LiSSA(damping=1.5), r"must lie in \[0, 1\)"),
+        (lambda: ik.LiSSA(tail=1.5), r"tail must lie in \(0, 1\]"),
+    ],
+)
+def test_solver_settings_are_checked_at_construction(factory: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        factory()  # type: ignore[operator]
+
+
+def test_solver_must_be_prepared_before_solving() -> None:
+    with pytest.raises(ik.NotFittedError, match="not prepared"):
+        ik.CG().solve(torch.ones(3))
