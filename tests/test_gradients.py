@@ -98,3 +98,22 @@ def test_input_gradients_need_floating_point_inputs(logreg: Problem) -> None:
     with pytest.raises(TypeError, match="must be floating point"):
         computer.input_gradients(tracked.flat(), torch.zeros(1, tracked.dim, dtype=torch.float64),
                                  torch.zeros(2, 5, dtype=torch.long), logreg.y[:2])
+
+
+def test_every_score_works_end_to_end_for_a_model_vmap_cannot_batch(
+        caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = ItemInForward().double()
+    objective = ik.CrossEntropyObjective(weight_decay=0.1)
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(3, (12,))
+    ik.training.minimize(model, objective, (X, y), tol=1e-12)
+    names = [n for n, _ in model.named_parameters()]
+    problem = Problem(model, objective, X, y, X[:3], y[:3], names)
+    with caplog.at_level(logging.WARNING):
+        inf = ik.Influence(model, objective, (X, y), solver="cg").fit()
+        scores = inf.influence(problem.test)
+        Q = inf.perturbation_influence(problem.test, [0, 1])
+        inf.self_influence()
+    assert "one example at a time" in caplog.text
+    torch.testing.assert_close(scores, problem.reference_influence(), rtol=1e-8, atol=1e-12)
+    assert Q.shape == (3, 2, 4) and bool(torch.isfinite(Q).all())
