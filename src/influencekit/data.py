@@ -168,19 +168,25 @@ def _convert(batch: Any, device: torch.device | None, dtype: torch.dtype | None,
     return X, y
 
 
+def raise_if_flagged(bad: Tensor, rows: slice, message: str) -> None:
+    """Raise :class:`NonFiniteError` if any row of the batch ``rows`` is flagged in ``bad``.
+
+    ``message`` is formatted with ``where``, the dataset indices of the first flagged rows.
+    """
+    if bool(bad.any()):
+        indices = (torch.nonzero(bad).flatten() + rows.start).tolist()
+        where = f"{indices[:10]}{' ...' if len(indices) > 10 else ''}"
+        raise NonFiniteError(message.format(where=where))
+
+
 def check_finite(X: Tensor, y: Tensor, rows: slice, name: str) -> None:
     """Raise :class:`NonFiniteError` naming the first examples whose input or target is NaN/inf."""
     bad = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
     for part in (X, y):
         if part.is_floating_point() or part.is_complex():
             bad |= ~torch.isfinite(part.reshape(part.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        where = (torch.nonzero(bad).flatten() + rows.start).tolist()
-        raise NonFiniteError(
-            f"{name} contains NaN or infinite values at example(s) {where[:10]}"
-            f"{' ...' if len(where) > 10 else ''}. Remove or impute them before computing "
-            "influence."
-        )
+    raise_if_flagged(bad, rows, f"{name} contains NaN or infinite values at example(s) {{where}}. "
+                                "Remove or impute them before computing influence.")
 
 
 def check_compatible(reference_shape: tuple[int, ...], data: ExampleSet) -> None:

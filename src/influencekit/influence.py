@@ -26,8 +26,8 @@ from torch.func import grad
 from tqdm.auto import tqdm
 
 from .curvature import HessianOperator, HVPMode
-from .data import ExampleSet, check_compatible, check_finite
-from .errors import NonFiniteError, NotFittedError, ObjectiveMismatchError
+from .data import ExampleSet, check_compatible, check_finite, raise_if_flagged
+from .errors import NotFittedError, ObjectiveMismatchError
 from .gradients import GradientComputer
 from .objective import Objective
 from .parameters import TrackedParameters, evaluation_mode
@@ -155,14 +155,11 @@ class Influence:
                 f"shape ({X.shape[0]},) for this batch; got shape {tuple(losses.shape)}. Use "
                 "reduction='none' and reduce over all but the batch dimension."
             )
-        bad = ~torch.isfinite(losses)
-        if bool(bad.any()):
-            where = (torch.nonzero(bad).flatten() + rows.start).tolist()
-            raise NonFiniteError(
-                f"The {'test measurement' if test else 'training loss'} is NaN or infinite on "
-                f"{name} example(s) {where[:10]}. Check the model's outputs there (overflow, "
-                "log of zero); the influence of a non-finite loss is undefined."
-            )
+        raise_if_flagged(
+            ~torch.isfinite(losses), rows,
+            f"The {'test measurement' if test else 'training loss'} is NaN or infinite on {name} "
+            "example(s) {where}. Check the model's outputs there (overflow, log of zero); the "
+            "influence of a non-finite loss is undefined.")
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "theta_"):
