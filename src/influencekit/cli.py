@@ -22,6 +22,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.pearson == result.pearson else 1
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from . import reproduce
+
+    out = Path(args.out)
+    data = Path(args.data) if args.data else None
+    if args.name == "all":
+        if data is not None:
+            raise ValueError("--data applies to one experiment at a time, not to 'all'.")
+        records = reproduce.run_all(reproduce.experiments().values(), out, args.seed, args.quick,
+                                    echo=print)
+        print()
+        print(reproduce.summary_table(records))
+        print(f"Summary: {(out / 'summary.md').resolve()}")
+        return 0
+    experiment = reproduce.get(args.name)
+    print(f"== {experiment.name}: {experiment.title}")
+    record = reproduce.run_experiment(experiment, out, args.seed, args.quick, data)
+    print(f"Data: {record.outcome.data}")
+    print(reproduce.summary_table([record]))
+    for note in record.outcome.notes:
+        print(f"- {note}")
+    print(f"Results: {(record.settings.out / 'results.json').resolve()}")
+    for figure in record.outcome.figures:
+        print(f"Figure:  {figure.resolve()}")
+    return 0
+
+
 def _at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
@@ -51,7 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--solver", default="direct", choices=["direct", "cg", "lissa"])
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(handler=_demo)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="reproduce an experiment of Koh & Liang (2017), or all of them")
+    reproduce.add_argument("name", help="experiment name (see `influencekit experiments`) or 'all'")
+    reproduce.add_argument("--out", default="outputs/reproduce",
+                           help="folder; each experiment writes OUT/NAME/results.json")
+    reproduce.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    reproduce.add_argument("--quick", action="store_true", help="small variant, seconds each")
+    reproduce.add_argument("--data", default=None,
+                           help="path to the paper's original data in its public format")
+    reproduce.set_defaults(handler=_reproduce)
+
+    listing = commands.add_parser("experiments", help="list the reproducible experiments")
+    listing.set_defaults(handler=_list_experiments)
     return parser
+
+
+def _list_experiments(args: argparse.Namespace) -> int:
+    from . import reproduce
+
+    for name, experiment in reproduce.experiments().items():
+        print(f"{name:24s} {experiment.title}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         print(f"influencekit: error: {error}", file=sys.stderr)
         return 2
 

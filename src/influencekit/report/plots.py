@@ -52,16 +52,11 @@ def influential_images(test_image: np.ndarray, test_caption: str,
     return save_figure(figure, path)
 
 
-def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, path: str | Path,
-                        title: str, pearson: float, spearman: float | None = None) -> Path:
-    """Scatter of predicted (y) against actual (x) change in test loss, with the diagonal.
-
-    As in the paper's Fig. 2: x = actual change after removing the point and retraining,
-    y = predicted change −I_up,loss / n.
-    """
+def draw_predicted_vs_actual(axis: plt.Axes, predicted: np.ndarray, actual: np.ndarray,
+                             title: str, pearson: float, spearman: float | None = None) -> None:
+    """One Fig. 2-style panel: x = actual change after retraining, y = predicted −I_up,loss/n."""
     predicted = np.asarray(predicted, dtype=float).ravel()
     actual = np.asarray(actual, dtype=float).ravel()
-    figure, axis = plt.subplots(figsize=(4.2, 4.0))
     low = float(min(predicted.min(), actual.min()))
     high = float(max(predicted.max(), actual.max()))
     pad = 0.05 * (high - low or 1.0)
@@ -77,5 +72,22 @@ def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, path: str | P
     axis.text(0.04, 0.96, label, transform=axis.transAxes, va="top", fontsize=9)
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.25)
+
+
+def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, path: str | Path,
+                        title: str, pearson: float, spearman: float | None = None) -> Path:
+    """A single predicted-vs-actual panel saved as PNG (see :func:`draw_predicted_vs_actual`)."""
+    figure, axis = plt.subplots(figsize=(4.2, 4.0))
+    draw_predicted_vs_actual(axis, predicted, actual, title, pearson, spearman)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def predicted_vs_actual_panels(panels: Sequence[tuple[np.ndarray, np.ndarray, str, float]],
+                               path: str | Path) -> Path:
+    """Several panels side by side, each ``(predicted, actual, title, pearson)``."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for axis, (predicted, actual, title, pearson) in zip(axes[0], panels, strict=True):
+        draw_predicted_vs_actual(axis, predicted, actual, title, pearson)
     figure.tight_layout()
     return save_figure(figure, path)

@@ -1,0 +1,45 @@
+"""Pieces the experiments share: choosing the data, fitting convex models, picking test points."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..datasets import Split, digits, mnist
+from ..objective import Objective
+from ..training import minimize
+from .base import RunSettings
+
+
+def image_data(settings: RunSettings, classes: tuple[int, ...] | None = None,
+               max_train: int | None = None) -> Split:
+    """Digits (8×8, bundled) by default; MNIST from ``settings.data`` (IDX files) if given."""
+    if settings.data is not None:
+        return mnist(settings.data, classes=classes, max_train=max_train)
+    return digits(seed=settings.seed, classes=classes)
+
+
+def fit_linear(objective: Objective, split: Split, outputs: int, bias: bool = False,
+               tol: float = 1e-10) -> nn.Linear:
+    """A linear model (logistic regression, SVM) fitted to ‖∇R‖ ≤ tol in float64 by Newton."""
+    torch.manual_seed(0)
+    model = nn.Linear(split.X_train.shape[1], outputs, bias=bias).double()
+    nn.init.zeros_(model.weight)
+    if bias:
+        nn.init.zeros_(model.bias)
+    report = minimize(model, objective, split.train, tol=tol)
+    if not report.converged:
+        raise RuntimeError(f"fitting the linear model stopped at ‖∇R‖ = {report.gradient_norm:.2e}")
+    return model
+
+
+def hardest_misclassified(model: nn.Module, objective: Objective, X: Tensor, y: Tensor) -> int:
+    """Index of the misclassified test point with the highest loss (the highest loss if none)."""
+    with torch.no_grad():
+        outputs = model(X)
+        losses = objective.test_loss(outputs, y)
+        predicted = outputs.argmax(dim=1) if outputs.ndim == 2 and outputs.shape[1] > 1 \
+            else (outputs.reshape(-1) > 0).long()
+    wrong = torch.nonzero(predicted != y).flatten()
+    pool = wrong if wrong.numel() else torch.arange(len(y))
+    return int(pool[losses[pool].argmax()])
