@@ -1,4 +1,4 @@
-"""Data that ships with the dependencies (no downloads): scikit-learn's bundled sets, split."""
+"""Image data: scikit-learn's bundled digits, and MNIST from its IDX files (never downloaded)."""
 
 from __future__ import annotations
 
