@@ -153,3 +153,18 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 
 def pearson(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]).double())[0, 1])
+
+
+def dense_gauss_newton(problem: Problem, damping: float = 0.0) -> Tensor:
+    """G = (1/n) Σ J_iᵀ ∇²_f ℓ_i J_i + (λ + damping)·I from jacrev and torch.func.hessian."""
+    theta = problem.theta()
+    total = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    for x, t in zip(problem.X, problem.y, strict=True):
+        J = torch.func.jacrev(lambda th, x=x: problem.outputs(th, x[None])[0])(theta)
+        out = problem.outputs(theta, x[None])[0]
+        H_out = torch.func.hessian(
+            lambda f, t=t: problem.objective.train_loss(f[None], t[None]).sum())(out)
+        J = J.reshape(out.numel(), -1)
+        total += J.T @ H_out.reshape(out.numel(), out.numel()) @ J
+    shift = problem.objective.weight_decay + damping
+    return total / problem.X.shape[0] + shift * torch.eye(theta.numel(), dtype=theta.dtype)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import influencekit as ik
 from influencekit.curvature import HessianOperator
 from influencekit.data import ExampleSet
 from influencekit.gradients import GradientComputer
 from influencekit.parameters import TrackedParameters
 from influencekit.spectrum import lanczos_ritz_values
 
-from conftest import Problem
+from conftest import Problem, dense_gauss_newton
 
 
 def _operator(problem: Problem, damping: float = 0.0, chunk_size: int = 7,
@@ -60,3 +62,37 @@ def test_lanczos_finds_the_extreme_eigenvalues(logreg: Problem) -> None:
     ritz = lanczos_ritz_values(lambda v: v @ H, H.shape[0], num_iter=H.shape[0])
     assert float(ritz[-1]) == pytest.approx(float(exact[-1]), rel=1e-8)
     assert float(ritz[0]) == pytest.approx(float(exact[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "binary_logreg"])
+def test_gauss_newton_products_equal_the_dense_gauss_newton_matrix(
+        name: str, request: pytest.FixtureRequest) -> None:
+    problem: Problem = request.getfixturevalue(name)
+    G = dense_gauss_newton(problem, damping=0.1)
+    tracked = TrackedParameters(problem.model)
+    op = HessianOperator(GradientComputer(tracked, problem.objective), ExampleSet(problem.train),
+                         tracked.flat(), 0.1, 7, curvature="gauss-newton")
+    V = torch.randn(3, G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), V @ G, rtol=1e-10, atol=1e-12)
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    sub = Problem(problem.model, problem.objective, problem.X[idx[1]], problem.y[idx[1]],
+                  problem.X_test, problem.y_test, problem.names)
+    sampled = op.sampled_matvec(V[:2].unsqueeze(1).expand(2, 2, -1).contiguous(), idx)
+    torch.testing.assert_close(sampled[1, 0], dense_gauss_newton(sub, 0.1) @ V[1],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_equals_the_hessian_for_a_linear_model(logreg: Problem) -> None:
+    """For a model linear in θ the network's second derivatives vanish, so G = H."""
+    torch.testing.assert_close(dense_gauss_newton(logreg), logreg.dense_hessian(),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_is_positive_semidefinite_where_the_hessian_is_not() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(3, (30,))
+    problem = Problem(model, ik.CrossEntropyObjective(), X, y, X[:2], y[:2],
+                      [n for n, _ in model.named_parameters()])
+    assert float(torch.linalg.eigvalsh(problem.dense_hessian())[0]) < -1e-6
+    assert float(torch.linalg.eigvalsh(dense_gauss_newton(problem))[0]) > -1e-10

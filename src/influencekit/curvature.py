@@ -1,9 +1,14 @@
-"""The damped Hessian of the training objective as a linear operator.
+"""The damped curvature of the training objective as a linear operator.
 
-    A = H + λ_d·I,    H = ∇²_θ R(θ̂) = (1/n) Σ_i ∇²_θ ℓ(z_i, θ̂) + λ·I
+    A = C + λ_d·I,   C = H = (1/n) Σ_i ∇²_θ ℓ(z_i, θ̂) + λ·I         (curvature="hessian")
+                     C = G = (1/n) Σ_i J_iᵀ ∇²_f ℓ(f_i, y_i) J_i + λ·I   (curvature="gauss-newton")
 
 (λ = the objective's weight decay, folded into every training loss; λ_d = damping, reported
-separately). Products A·v are exact (Pearlmutter's trick), by forward-over-reverse
+separately; J_i = ∂f(x_i)/∂θ is the Jacobian of the model output). The Gauss-Newton matrix G drops
+the second derivatives of the network itself; it is positive semi-definite whenever the loss is
+convex in the model output (cross-entropy, logistic, squared error, smooth hinge), so it needs no
+damping to be invertible where H is indefinite. G·v = Jᵀ(∇²_f ℓ (J v)) costs one forward-mode and
+one reverse-mode pass. Products A·v are exact (Pearlmutter's trick), by forward-over-reverse
 ``jvp(grad(f))`` or reverse-over-reverse ``vjp(grad(f))``, with a plain autograd loop as the last
 resort; a mode that fails falls back to the next. In ``"auto"`` mode blocks of fewer than 16
 vectors go reverse-over-reverse first (lower fixed cost per call: 1.5 ms vs 3.1 ms for one vector
@@ -30,13 +35,15 @@ from .gradients import GradientComputer
 logger = logging.getLogger(__name__)
 
 HVPMode = Literal["auto", "forward-over-reverse", "reverse-over-reverse", "loop"]
+Curvature = Literal["hessian", "gauss-newton"]
+CURVATURES = ("hessian", "gauss-newton")
 _MODES = ("forward-over-reverse", "reverse-over-reverse", "loop")
 _SMALL_BLOCK_ORDER = ("reverse-over-reverse", "forward-over-reverse", "loop")
 SMALL_BLOCK = 16
 
 
 class HessianOperator:
-    """A = H + λ_d·I over the training set, applied to blocks of vectors.
+    """A = C + λ_d·I (C the Hessian or the Gauss-Newton matrix) over the training set.
 
     Args:
         gradients: per-example loss machinery (tracked parameters + objective).
@@ -46,13 +53,17 @@ class HessianOperator:
         chunk_size: training examples per forward/backward pass.
         mode: how products are formed; ``"auto"`` picks by block size and falls back on failure.
         progress: show a progress bar over chunks for long passes (dense Hessian).
+        curvature: ``"hessian"`` (exact) or ``"gauss-newton"``.
     """
 
     def __init__(self, gradients: GradientComputer, data: ExampleSet, theta: Tensor,
                  damping: float = 0.0, chunk_size: int = 256, mode: HVPMode = "auto",
-                 progress: bool = False) -> None:
+                 progress: bool = False, curvature: Curvature = "hessian") -> None:
         if mode != "auto" and mode not in _MODES:
             raise ValueError(f"hvp mode must be 'auto' or one of {_MODES}, got {mode!r}.")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        self.curvature = curvature
         self.gradients = gradients
         self.data = data
         self.theta = theta.detach()
@@ -63,6 +74,7 @@ class HessianOperator:
         self.progress = progress
         self.num_matvecs = 0
         self._grouped_vmap = True
+        self._vectorized_ggn = True
 
     @property
     def dim(self) -> int:
@@ -134,7 +146,9 @@ class HessianOperator:
         return [m for m in order if m not in self._failed_modes]
 
     def _data_hvp_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
-        """Σ_{i in batch} ∇²ℓ_i · v for each row v of V (no regulariser, no damping)."""
+        """Σ_{i in batch} C_i · v for each row v of V (no regulariser, no damping)."""
+        if self.curvature == "gauss-newton":
+            return self._data_ggn_sum(V, X, y)
         modes = self._modes(V.shape[0])
         for position, mode in enumerate(modes):
             try:
@@ -149,11 +163,25 @@ class HessianOperator:
                 self._failed_modes.add(mode)
         raise AssertionError("unreachable")
 
+    def _data_ggn_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
+        """Σ_{i in batch} J_iᵀ ∇²_f ℓ_i J_i · v for each row v of V."""
+        if self._vectorized_ggn:
+            try:
+                return _gauss_newton_product(self.gradients, self.theta, V, X, y, vmap)
+            except Exception as error:
+                logger.warning("Gauss-Newton products under vmap failed (%s: %s); looping over "
+                               "vectors.", type(error).__name__, str(error).splitlines()[0])
+                self._vectorized_ggn = False
+        return _gauss_newton_product(self.gradients, self.theta, V, X, y, _loop_map)
+
     def _grouped_hvp_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """``_data_hvp_sum`` for R groups at once (group r: vectors V[r], examples X[r])."""
         mode = self._modes(V.shape[1])[0]
         if self._grouped_vmap and mode != "loop":
             try:
+                if self.curvature == "gauss-newton":
+                    return vmap(lambda V_r, X_r, y_r: _gauss_newton_product(
+                        self.gradients, self.theta, V_r, X_r, y_r, vmap))(V, X, y)
                 return vmap(lambda V_r, X_r, y_r: _HVP_BY_MODE[mode](
                     self._batch_loss(X_r, y_r), self.theta, V_r))(V, X, y)
             except Exception as error:
@@ -185,6 +213,32 @@ def _autograd_loop(loss: Callable[[Tensor], Tensor], theta: Tensor, V: Tensor) -
         (g,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
         rows = [torch.autograd.grad(g @ v, leaf, retain_graph=True)[0] for v in V]
     return torch.stack(rows)
+
+
+def _loop_map(function: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda V: torch.stack([function(v) for v in V])
+
+
+def _gauss_newton_product(gradients: GradientComputer, theta: Tensor, V: Tensor, X: Tensor,
+                          y: Tensor, mapper: Callable) -> Tensor:
+    """Σ_i J_iᵀ (∇²_f ℓ_i) J_i v for each row v: J v forward, the output Hessian, Jᵀ backward."""
+    tracked, objective = gradients.tracked, gradients.objective
+
+    def outputs(t: Tensor) -> Tensor:
+        return tracked.forward(t, X)
+
+    def output_loss(f: Tensor) -> Tensor:
+        return objective.train_loss(f, y).sum()
+
+    f, pullback = vjp(outputs, theta)
+    output_gradient = grad(output_loss)
+
+    def product(v: Tensor) -> Tensor:
+        _, Jv = jvp(outputs, (theta,), (v,))
+        _, HJv = jvp(output_gradient, (f,), (Jv,))
+        return pullback(HJv)[0]
+
+    return mapper(product)(V)
 
 
 _HVP_BY_MODE = {

@@ -10,6 +10,8 @@ Conventions (the product's contract):
   means removing z_i raises the test loss: z_i is helpful. Negative: harmful.
 - The training loss of every point carries (λ/2)·‖θ‖² (see :mod:`influencekit.objective`); the
   test measurement does not; damping λ_d is separate and reported.
+- The curvature is the Hessian H by default; ``curvature="gauss-newton"`` uses the Gauss-Newton
+  matrix G instead (positive semi-definite, the usual choice for networks away from a minimum).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import grad
 from tqdm.auto import tqdm
 
-from .curvature import HessianOperator, HVPMode
+from .curvature import CURVATURES, Curvature, HessianOperator, HVPMode
 from .data import ExampleSet, check_compatible, check_finite, raise_if_flagged
 from .errors import NotFittedError, ObjectiveMismatchError
 from .gradients import GradientComputer
@@ -71,6 +73,7 @@ class Influence:
             :class:`~influencekit.curvature.HessianOperator`.
         vectorize: per-example gradients with ``torch.func.vmap`` (falls back to a loop).
         progress: show progress bars on long passes.
+        curvature: ``"hessian"`` (exact, the paper's) or ``"gauss-newton"`` (J^T ∇²_f ℓ J).
 
     Example:
         >>> inf = Influence(model, CrossEntropyObjective(weight_decay=0.01), (X, y)).fit()
@@ -81,7 +84,7 @@ class Influence:
                  solver: str | Solver = "cg", damping: float = 0.0,
                  params: Sequence[str] | str | None = None, chunk_size: int = 256,
                  hvp_mode: HVPMode = "auto", vectorize: bool = True,
-                 progress: bool = False) -> None:
+                 progress: bool = False, curvature: Curvature = "hessian") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(objective, Objective):
@@ -91,6 +94,8 @@ class Influence:
             )
         if not (isinstance(damping, int | float) and math.isfinite(damping) and damping >= 0):
             raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}.")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
         if not (isinstance(chunk_size, int) and chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
         self.model = model
@@ -103,6 +108,7 @@ class Influence:
         self.hvp_mode = hvp_mode
         self.vectorize = vectorize
         self.progress = progress
+        self.curvature = curvature
 
     # ------------------------------------------------------------------ fitting
 
@@ -114,7 +120,8 @@ class Influence:
         with evaluation_mode(self.model):
             gradient = self._check_training_data(gradients, theta)
             operator = HessianOperator(gradients, self.train_data, theta, self.damping,
-                                       self.chunk_size, self.hvp_mode, self.progress)
+                                       self.chunk_size, self.hvp_mode, self.progress,
+                                       self.curvature)
             self.solver.prepare(operator)
         self.theta_ = theta
         self.gradients_ = gradients
