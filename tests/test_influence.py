@@ -11,7 +11,7 @@ import influencekit as ik
 from influencekit.datasets import digits
 from influencekit.training import minimize
 
-from conftest import Problem, make_logreg, pearson, relative_error
+from conftest import Problem, dense_gauss_newton, make_logreg, pearson, relative_error
 
 
 @pytest.mark.parametrize("name", ["logreg", "mlp"])
@@ -183,3 +183,16 @@ def test_fit_reports_the_training_gradient_norm(logreg: Problem) -> None:
     assert inf.last_solve_report is None
     inf.influence(logreg.test)
     assert inf.last_solve_report.relative_residual < 1e-8
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_gauss_newton_influence_equals_the_dense_gauss_newton_influence(mlp: Problem,
+                                                                        solver: str) -> None:
+    G = dense_gauss_newton(mlp, damping=0.01)
+    G_train = torch.stack([mlp.train_grad(i) for i in range(mlp.X.shape[0])])
+    G_test = torch.stack([mlp.test_grad(x, t) for x, t in zip(mlp.X_test, mlp.y_test,
+                                                                 strict=True)])
+    expected = -G_test @ torch.linalg.solve(G, G_train.T)
+    inf = ik.Influence(mlp.model, mlp.objective, mlp.train, solver=solver, damping=0.01,
+                       curvature="gauss-newton").fit()
+    assert relative_error(inf.influence(mlp.test), expected) < 1e-8

@@ -162,3 +162,43 @@ def test_solver_settings_are_checked_at_construction(factory: object, message: s
 def test_solver_must_be_prepared_before_solving() -> None:
     with pytest.raises(ik.NotFittedError, match="not prepared"):
         ik.CG().solve(torch.ones(3))
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_block_and_independent_cg_both_match_the_dense_solve(mlp: Problem, block: bool) -> None:
+    A = mlp.dense_hessian(damping=0.01)
+    V = torch.randn(7, A.shape[0], dtype=torch.float64)
+    X = ik.CG(tol=1e-12, block=block).prepare(_operator(mlp, damping=0.01)).solve(V)
+    assert relative_error(X, torch.linalg.solve(A, V.T).T) < 1e-9
+
+
+def test_block_cg_shares_its_krylov_space_and_needs_fewer_iterations() -> None:
+    problem = make_logreg(n=200, d=12, classes=4, weight_decay=1e-3)
+    op = _operator(problem)
+    V = torch.randn(12, op.dim, dtype=torch.float64)
+    block, independent = ik.CG(tol=1e-10, block=True), ik.CG(tol=1e-10, block=False)
+    torch.testing.assert_close(block.prepare(op).solve(V), independent.prepare(op).solve(V),
+                               rtol=1e-7, atol=1e-9)
+    assert block.last_report.iterations * 3 <= independent.last_report.iterations
+
+
+def test_block_cg_with_dependent_right_hand_sides_does_not_break_down(logreg: Problem) -> None:
+    A = logreg.dense_hessian()
+    v = torch.randn(A.shape[0], dtype=torch.float64)
+    V = torch.stack([v, 2 * v, -v, torch.randn_like(v)])
+    X = ik.CG(tol=1e-12).prepare(_operator(logreg)).solve(V)
+    assert relative_error(X, torch.linalg.solve(A, V.T).T) < 1e-9
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_an_exact_preconditioner_converges_in_one_iteration(mlp: Problem, block: bool) -> None:
+    V = torch.randn(3, mlp.theta().numel(), dtype=torch.float64)
+    solver = ik.CG(tol=1e-10, block=block, preconditioner="direct")
+    X = solver.prepare(_operator(mlp, damping=0.01)).solve(V)
+    assert solver.last_report.iterations == 1
+    assert relative_error(X, torch.linalg.solve(mlp.dense_hessian(0.01), V.T).T) < 1e-9
+
+
+def test_stochastic_solvers_cannot_precondition(logreg: Problem) -> None:
+    with pytest.raises(TypeError, match="cannot serve as a preconditioner"):
+        ik.CG(preconditioner="lissa").prepare(_operator(logreg))

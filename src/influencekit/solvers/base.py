@@ -60,6 +60,8 @@ class Solver(ABC):
     """Computes A⁻¹V for the damped Hessian A = H + λ_d·I."""
 
     name: str = "solver"
+    #: whether ``solve`` is one fixed linear map of V (then it can precondition CG)
+    linear: bool = False
 
     def __init__(self) -> None:
         self._operator: HessianOperator | None = None
@@ -82,6 +84,22 @@ class Solver(ABC):
         V = V.reshape(-1, self.operator.dim).to(self.operator.dtype)
         X = self._solve(V) if V.shape[0] else V.clone()
         return X[0] if single else X
+
+    def apply_inverse(self, V: Tensor) -> Tensor:
+        """The solver's (approximate) A⁻¹ applied to the rows of ``V``, without a report.
+
+        Only for ``linear`` solvers, whose answer is a fixed linear map (used as a preconditioner).
+        """
+        if not self.linear:
+            raise TypeError(
+                f"{type(self).__name__} is not a fixed linear map of its input and cannot serve "
+                "as a preconditioner; use 'ekfac', 'kfac', 'arnoldi' or 'direct'."
+            )
+        return self._apply(V.to(self.operator.dtype))
+
+    def _apply(self, V: Tensor) -> Tensor:
+        """A⁻¹V for linear solvers (they override it); ``_solve`` adds the report."""
+        raise TypeError(f"{type(self).__name__} does not implement _apply.")
 
     @abstractmethod
     def _solve(self, V: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ class Direct(Solver):
     """
 
     name = "direct"
+    linear = True
 
     def __init__(self, max_dim: int = 20_000, block: int = 256) -> None:
         super().__init__()
@@ -51,9 +52,13 @@ class Direct(Solver):
         self._A, self._Q, self.eigenvalues_ = A, Q, mu
         return self
 
+    def _apply(self, V: Tensor) -> Tensor:
+        V64 = V.to(torch.float64)
+        return (((V64 @ self._Q) / self.eigenvalues_) @ self._Q.T).to(V.dtype)
+
     def _solve(self, V: Tensor) -> Tensor:
         V64 = V.to(torch.float64)
-        X64 = ((V64 @ self._Q) / self.eigenvalues_) @ self._Q.T
+        X64 = self._apply(V64)
         mu = self.eigenvalues_
         self.last_report = SolveReport(
             solver=self.name,
