@@ -6,13 +6,15 @@ from ..errors import UnknownSolverError
 from .base import Solver, SolveReport
 from .cg import CG
 from .direct import Direct
+from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
-SOLVERS: dict[str, type[Solver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA}
+SOLVERS: dict[str, type[Solver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "kfac": KFAC,
+                                     "ekfac": EKFAC}
 
 
 def make_solver(spec: str | Solver) -> Solver:
-    """A solver from its name (``"direct"``, ``"cg"``, ``"lissa"``) or a solver object as is."""
+    """A solver from its name (a key of ``SOLVERS``) or a solver object as is."""
     if isinstance(spec, Solver):
         return spec
     if isinstance(spec, str) and spec.lower() in SOLVERS:
@@ -23,4 +25,5 @@ def make_solver(spec: str | Solver) -> Solver:
     )
 
 
-__all__ = ["CG", "SOLVERS", "Direct", "LiSSA", "SolveReport", "Solver", "make_solver"]
+__all__ = ["CG", "EKFAC", "KFAC", "SOLVERS", "Direct", "LiSSA", "SolveReport", "Solver",
+           "make_solver"]

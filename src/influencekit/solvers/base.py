@@ -23,7 +23,8 @@ class SolveReport:
 
     Attributes:
         solver: the solver's name.
-        relative_residual: max over right-hand sides of ‖A·x − v‖ / ‖v‖.
+        relative_residual: max over right-hand sides of ‖A·x − v‖ / ‖v‖ (NaN where a fast
+            approximate solver was not asked to verify).
         iterations: iterations run (iterative solvers), else ``None``.
         converged: whether the solver reached its own stopping criterion.
         damping: the damping λ_d the solution includes (LiSSA adds scale × its own damping).

@@ -1,0 +1,125 @@
+"""K-FAC / EK-FAC against the dense float64 Gauss-Newton matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import influencekit as ik
+from influencekit.curvature import HessianOperator
+from influencekit.data import ExampleSet
+from influencekit.gradients import GradientComputer
+from influencekit.parameters import TrackedParameters
+
+from conftest import Problem, dense_gauss_newton, make_mlp
+
+
+def _operator(problem: Problem, damping: float = 0.0, chunk_size: int = 16) -> HessianOperator:
+    tracked = TrackedParameters(problem.model)
+    return HessianOperator(GradientComputer(tracked, problem.objective),
+                           ExampleSet(problem.train), tracked.flat(), damping, chunk_size)
+
+
+def _approximation(solver: ik.solvers.Solver, op: HessianOperator) -> Tensor:
+    """The curvature matrix the solver inverts: (solver's A⁻¹ applied to I)⁻¹."""
+    solver.prepare(op)
+    return torch.linalg.inv(solver.apply_inverse(torch.eye(op.dim, dtype=torch.float64)))
+
+
+def _problem(model: nn.Module, objective: ik.Objective, X: Tensor, y: Tensor) -> Problem:
+    return Problem(model.double(), objective, X, y, X[:2], y[:2],
+                   [n for n, _ in model.named_parameters()])
+
+
+def _regression(model: nn.Module, input_shape: tuple[int, ...], outputs: int) -> Problem:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(25, *input_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(25, outputs, generator=g, dtype=torch.float64)
+    return _problem(model, ik.MSEObjective(weight_decay=0.01), X, y)
+
+
+@pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC()])
+@pytest.mark.parametrize("bias", [True, False])
+def test_exact_for_a_linear_layer_with_squared_error(solver: ik.solvers.Solver,
+                                                     bias: bool) -> None:
+    """The output Hessian of squared error is constant, so G = S ⊗ A exactly."""
+    problem = _regression(nn.Linear(4, 3, bias=bias), (4,), 3)
+    op = _operator(problem, damping=0.05)
+    torch.testing.assert_close(_approximation(solver, op), dense_gauss_newton(problem, 0.05),
+                               rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC()])
+def test_exact_for_a_convolution_that_sees_the_whole_image(solver: ik.solvers.Solver) -> None:
+    """A 3×3 kernel on a 3×3 image has one position (T = 1): the Linear case again."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten())
+    problem = _regression(model, (2, 3, 3), 3)
+    op = _operator(problem, damping=0.05)
+    torch.testing.assert_close(_approximation(solver, op), dense_gauss_newton(problem, 0.05),
+                               rtol=1e-9, atol=1e-11)
+
+
+def _distance(solver: ik.solvers.Solver, problem: Problem) -> float:
+    G = dense_gauss_newton(problem, damping=0.01)
+    return float((_approximation(solver, _operator(problem, damping=0.01)) - G).norm())
+
+
+def _cnn_problem() -> Problem:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3),
+                          nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(20, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (20,), generator=g)
+    return _problem(model, ik.CrossEntropyObjective(weight_decay=0.01), X, y)
+
+
+@pytest.mark.parametrize("name", ["softmax", "mlp", "cnn"])
+def test_ekfac_is_no_farther_from_the_gauss_newton_than_kfac(name: str) -> None:
+    if name == "softmax":
+        g = torch.Generator().manual_seed(2)
+        X, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(4, (30,))
+        problem = _problem(nn.Linear(5, 4), ik.CrossEntropyObjective(weight_decay=0.01), X, y)
+    else:
+        problem = make_mlp() if name == "mlp" else _cnn_problem()
+    kfac, ekfac = _distance(ik.solvers.KFAC(), problem), _distance(ik.solvers.EKFAC(), problem)
+    assert ekfac <= kfac * (1 + 1e-10)
+    assert ekfac < kfac  # the per-example second moments differ from the Kronecker product here
+
+
+def test_factors_do_not_depend_on_chunk_size() -> None:
+    problem = _cnn_problem()
+    first = _approximation(ik.solvers.EKFAC(), _operator(problem, 0.01, chunk_size=3))
+    second = _approximation(ik.solvers.EKFAC(), _operator(problem, 0.01, chunk_size=100))
+    torch.testing.assert_close(first, second, rtol=1e-10, atol=1e-12)
+
+
+def test_other_layers_fall_back_to_the_exact_gauss_newton_diagonal() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(15, 3, generator=g, dtype=torch.float64), torch.randint(2, (15,))
+    problem = _problem(model, ik.CrossEntropyObjective(weight_decay=0.02), X, y)
+    solver = ik.solvers.EKFAC().prepare(_operator(problem, damping=0.1))
+    names = [n for n, _ in model.named_parameters()]
+    numels = [p.numel() for _, p in model.named_parameters()]
+    start = sum(numels[: names.index("1.weight")])
+    fallback = torch.arange(start, start + 8)  # LayerNorm weight and bias
+    assert torch.equal(solver.fallback_.sort().values, fallback)
+    G = dense_gauss_newton(problem, damping=0.1)
+    V = torch.eye(G.shape[0], dtype=torch.float64)[fallback]
+    applied = solver.apply_inverse(V)
+    torch.testing.assert_close(applied[:, fallback], torch.diag(1 / G.diagonal()[fallback]),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_kfac_influence_runs_end_to_end_and_correlates(mlp: Problem) -> None:
+    exact = ik.Influence(mlp.model, mlp.objective, mlp.train, solver="direct", damping=0.01,
+                         curvature="gauss-newton").fit().influence(mlp.test)
+    for name in ("kfac", "ekfac"):
+        inf = ik.Influence(mlp.model, mlp.objective, mlp.train, solver=name, damping=0.01).fit()
+        approx = inf.influence(mlp.test)
+        assert approx.shape == exact.shape
+        assert float(torch.corrcoef(torch.stack([approx.flatten(), exact.flatten()]))[0, 1]) > 0.5
+        assert inf.last_solve_report.solver == name
