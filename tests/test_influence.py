@@ -196,3 +196,13 @@ def test_gauss_newton_influence_equals_the_dense_gauss_newton_influence(mlp: Pro
     inf = ik.Influence(mlp.model, mlp.objective, mlp.train, solver=solver, damping=0.01,
                        curvature="gauss-newton").fit()
     assert relative_error(inf.influence(mlp.test), expected) < 1e-8
+
+
+def test_one_solver_object_can_configure_several_influences(logreg: Problem,
+                                                            mlp: Problem) -> None:
+    shared = ik.CG(tol=1e-12)
+    first = ik.Influence(logreg.model, logreg.objective, logreg.train, solver=shared).fit()
+    before = first.influence(logreg.test)
+    ik.Influence(mlp.model, mlp.objective, mlp.train, solver=shared).fit().influence(mlp.test)
+    torch.testing.assert_close(first.influence(logreg.test), before)
+    assert shared.last_report is None  # the caller's object is never bound

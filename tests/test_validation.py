@@ -124,3 +124,47 @@ def test_unconverged_refit_is_an_error_not_a_silent_ground_truth() -> None:
     with pytest.raises(RuntimeError, match="did not reach"):
         actual_loo_changes(problem.model, problem.objective, problem.train, problem.test, [0],
                            ConvexRefit(method="lbfgs", tol=1e-30, max_iter=3))
+
+
+def _noisy_network() -> tuple[nn.Module, ik.Objective, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3),
+                          nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (40,), generator=g)
+    return model, ik.CrossEntropyObjective(weight_decay=0.01), (X, y)
+
+
+def test_train_steps_seeds_dropout_and_leaves_the_global_generator_alone() -> None:
+    model, objective, train = _noisy_network()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for _ in range(2):
+        model.load_state_dict(state)
+        torch.manual_seed(123)
+        train_steps(model, objective, train, steps=5, batch_size=8, seed=4, lr=0.05)
+        results.append((model[0].weight.detach().clone(), torch.rand(1)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_continued_training_restores_batch_norm_statistics_between_removals() -> None:
+    model, objective, train = _noisy_network()
+    test = (train[0][:3], train[1][:3])
+    retraining = ContinuedTraining(steps=6, lr=0.05, batch_size=8)
+    changes = actual_loo_changes(model, objective, train, test, [5, 5, 5], retraining)
+    torch.testing.assert_close(changes[:, 0], changes[:, 1], rtol=0, atol=0)
+    torch.testing.assert_close(changes[:, 0], changes[:, 2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"steps": -1}, "steps must be an integer ≥ 0"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"lr": 0.0}, "lr must be > 0"),
+])
+def test_train_steps_checks_its_settings(kwargs: dict, message: str) -> None:
+    model, objective, train = _noisy_network()
+    settings = {"steps": 1, "batch_size": 4, "lr": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        train_steps(model, objective, train, **settings)

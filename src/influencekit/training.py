@@ -30,12 +30,16 @@ from .solvers.cg import CG
 
 @dataclass
 class FitReport:
-    """Outcome of a fit: final objective value, gradient norm ‖∇R(θ)‖ and iterations."""
+    """Outcome of a fit: final objective value, gradient norm ‖∇R(θ)‖ and iterations.
+
+    ``converged`` says whether ‖∇R‖ reached the tolerance; it is ``None`` for fixed-step
+    training (:func:`train_steps`), which has no tolerance.
+    """
 
     objective_value: float
     gradient_norm: float
     iterations: int
-    converged: bool
+    converged: bool | None
 
 
 def objective_and_gradient(tracked: TrackedParameters, objective: Objective, data: ExampleSet,
@@ -227,10 +231,18 @@ def train_steps(model: nn.Module, objective: Objective, train: Any, steps: int,
                 params: Sequence[str] | str | None = None,
                 optimizer: Literal["adam", "sgd"] = "adam",
                 lr: float = 1e-3, batch_size: int = 128, seed: int = 0) -> FitReport:
-    """Run ``steps`` mini-batch steps on R (with its L2 term), sampling batches with ``seed``.
+    """Run ``steps`` mini-batch steps on R (with its L2 term), in training mode.
 
-    Batches are drawn by reshuffling the data every epoch; the same seed gives the same steps.
+    Batches are drawn by reshuffling the data every epoch. ``seed`` seeds both the batch order and
+    everything random inside the model (dropout), in a forked generator that leaves the caller's
+    random state alone: the same seed gives the same steps.
     """
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps must be an integer ≥ 0, got {steps!r}.")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}.")
     data = ExampleSet(train, "training data")
     tracked = TrackedParameters(model, params)
     leaf = tracked.flat().clone().requires_grad_(True)
@@ -246,20 +258,23 @@ def train_steps(model: nn.Module, objective: Objective, train: Any, steps: int,
     order = torch.randperm(n, generator=generator)
     position = 0
     was_training = model.training
+    devices = [tracked.device] if tracked.device.type == "cuda" else []
     model.train()
     try:
-        for _ in range(steps):
-            if position + b > n:
-                order, position = torch.randperm(n, generator=generator), 0
-            X, y = data.take(order[position : position + b], tracked.device, tracked.dtype)
-            position += b
-            opt.zero_grad()
-            loss = objective.train_loss(tracked.forward(leaf, X), y).mean()
-            (loss + objective.regularizer(leaf)).backward()
-            opt.step()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for _ in range(steps):
+                if position + b > n:
+                    order, position = torch.randperm(n, generator=generator), 0
+                X, y = data.take(order[position : position + b], tracked.device, tracked.dtype)
+                position += b
+                opt.zero_grad()
+                loss = objective.train_loss(tracked.forward(leaf, X), y).mean()
+                (loss + objective.regularizer(leaf)).backward()
+                opt.step()
     finally:
         model.train(was_training)
     tracked.assign(leaf.detach())
     with evaluation_mode(model):
         value, gradient = objective_and_gradient(tracked, objective, data, leaf.detach())
-    return FitReport(float(value), float(gradient.norm()), steps, True)
+    return FitReport(float(value), float(gradient.norm()), steps, None)

@@ -90,6 +90,10 @@ def correlations(predicted: Tensor, actual: Tensor) -> tuple[float, float]:
     return float(stats.pearsonr(a, b)[0]), float(stats.spearmanr(a, b)[0])
 
 
+def _snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _test_losses(model: nn.Module, objective: Objective, test: ExampleSet) -> Tensor:
     parameter = next(model.parameters())
     out = []
@@ -130,19 +134,19 @@ def actual_loo_changes(model: nn.Module, objective: Objective, train: Any, test:
     if isinstance(retraining, ConvexRefit):
         work = work.to(retraining.dtype)
     tracked = TrackedParameters(work, params)
-    start = tracked.flat().clone()
+    start = _snapshot(work)  # parameters and buffers (batch-norm statistics) alike
     if isinstance(retraining, ConvexRefit) or retraining.baseline == "continued":
         _retrain(work, objective, train_set, retraining, params)
     hessian = None
     if isinstance(retraining, ConvexRefit):
-        start = tracked.flat().clone()  # refit baseline: every removal starts from the optimum
+        start = _snapshot(work)  # refit baseline: every removal starts from the optimum
         if retraining.method == "newton" and tracked.dim <= 4096:
             hessian = hessian_matrix(work, objective, train_set, params)
     baseline = _test_losses(work, objective, test_set)
     indices = torch.as_tensor(remove, dtype=torch.long).reshape(-1)
     columns = []
     for i in tqdm(indices.tolist(), desc="leave-one-out retraining", disable=not progress):
-        tracked.assign(start)
+        work.load_state_dict(start)
         _retrain(work, objective, train_set.without([i]), retraining, params, hessian)
         columns.append(_test_losses(work, objective, test_set) - baseline)
     return torch.stack(columns, dim=1)

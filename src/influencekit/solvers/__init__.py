@@ -14,9 +14,13 @@ SOLVERS: dict[str, type[Solver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, 
 
 
 def make_solver(spec: str | Solver) -> Solver:
-    """A solver from its name (a key of ``SOLVERS``) or a solver object as is."""
+    """A fresh, unprepared solver from its name (a key of ``SOLVERS``) or a solver object.
+
+    A solver object is copied with its settings, so the caller's object is never bound to an
+    operator and one object can configure several ``Influence`` instances.
+    """
     if isinstance(spec, Solver):
-        return spec
+        return spec.unprepared_copy()
     if isinstance(spec, str) and spec.lower() in SOLVERS:
         return SOLVERS[spec.lower()]()
     raise UnknownSolverError(

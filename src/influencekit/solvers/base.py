@@ -7,6 +7,7 @@ After each solve it leaves a :class:`SolveReport` saying how well it solved.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -67,6 +68,13 @@ class Solver(ABC):
     def __init__(self) -> None:
         self._operator: HessianOperator | None = None
         self.last_report: SolveReport | None = None
+
+    def unprepared_copy(self) -> Solver:
+        """A copy with the same settings and nothing bound (``prepare`` rebinds all state)."""
+        duplicate = copy.copy(self)
+        duplicate._operator = None
+        duplicate.last_report = None
+        return duplicate
 
     def prepare(self, operator: HessianOperator) -> Solver:
         """Bind to the operator and do any one-off work (factorisation, spectrum estimates)."""
