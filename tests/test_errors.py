@@ -139,3 +139,29 @@ def test_dataloader_with_a_subset_sampler(logreg: Problem) -> None:
 def test_dataset_items_must_be_pairs(logreg: Problem) -> None:
     with pytest.raises(TypeError, match=r"\(input, target\) pair"):
         ik.Influence(logreg.model, logreg.objective, TensorDataset(logreg.X))
+
+
+class SqrtMeasurement(ik.Objective):
+    """A finite measurement whose gradient is infinite where the loss is 0: sqrt at 0."""
+
+    def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    def test_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return torch.sqrt(outputs[:, 0] - outputs[:, 0].detach())
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_a_non_finite_gradient_of_a_finite_measurement(logreg: Problem, solver: str) -> None:
+    inf = ik.Influence(logreg.model, SqrtMeasurement(weight_decay=0.05), logreg.train,
+                       solver=solver).fit()
+    with pytest.raises(ik.NonFiniteError, match=r"gradient of the test measurement is NaN.*\[0, 1"):
+        inf.influence(logreg.test)
+
+
+def test_solvers_refuse_non_finite_right_hand_sides(logreg: Problem) -> None:
+    inf = _fitted(logreg)
+    V = torch.zeros(3, 15, dtype=torch.float64)
+    V[1, 4] = float("nan")
+    with pytest.raises(ik.NonFiniteError, match=r"rows: \[1\]"):
+        inf.solve(V)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -202,3 +203,15 @@ def test_an_exact_preconditioner_converges_in_one_iteration(mlp: Problem, block:
 def test_stochastic_solvers_cannot_precondition(logreg: Problem) -> None:
     with pytest.raises(TypeError, match="cannot serve as a preconditioner"):
         ik.CG(preconditioner="lissa").prepare(_operator(logreg))
+
+
+@pytest.mark.parametrize("case", ["saddle", "singular"])
+def test_following_directs_damping_advice_clears_the_refusal(case: str, logreg: Problem) -> None:
+    """Softmax regression without weight decay is singular (logits shifted together)."""
+    problem = _saddle_problem() if case == "saddle" else Problem(
+        logreg.model, ik.CrossEntropyObjective(), logreg.X, logreg.y, logreg.X_test,
+        logreg.y_test, logreg.names)
+    with pytest.raises(ik.IndefiniteHessianError) as refusal:
+        ik.Direct().prepare(_operator(problem))
+    suggestion = float(re.search(r"damping=([0-9.e+-]+) or more", str(refusal.value)).group(1))
+    ik.Direct().prepare(_operator(problem, damping=suggestion))

@@ -203,7 +203,7 @@ class Influence:
         with evaluation_mode(self.model):
             for idx, X, y in self._batches(data, "test gradients"):
                 self._check_batch(self.gradients_, self.theta_, idx, X, y, test=True)
-                rows.append(self.gradients_.test(self.theta_, X, y))
+                rows.append(_finite(self.gradients_.test(self.theta_, X, y), idx, "test"))
         return torch.cat(rows)
 
     def train_gradients(self, indices: Tensor | Sequence[int] | None = None) -> Tensor:
@@ -222,7 +222,7 @@ class Influence:
 
     def _train_gradient_chunks(self, description: str) -> Iterator[tuple[slice, Tensor]]:
         for rows, X, y in self._batches(self.train_data, description):
-            yield rows, self.gradients_.train(self.theta_, X, y)
+            yield rows, _finite(self.gradients_.train(self.theta_, X, y), rows, "training")
 
     def solve(self, V: Tensor) -> Tensor:
         """A⁻¹·v for each row of ``V`` ``(k, p)``, A = H + λ_d·I; see :attr:`last_solve_report`."""
@@ -289,8 +289,8 @@ class Influence:
         out = torch.empty(self.num_train_, dtype=self.theta_.dtype, device=self.theta_.device)
         for rows, X, y in self._batches(self.train_data, "self-influence"):
             with evaluation_mode(self.model):
-                G_train = self.gradients_.train(self.theta_, X, y)
-                G_test = self.gradients_.test(self.theta_, X, y)
+                G_train = _finite(self.gradients_.train(self.theta_, X, y), rows, "training")
+                G_test = _finite(self.gradients_.test(self.theta_, X, y), rows, "test")
                 S = self.solver.solve(G_test)
             out[rows] = -(S * G_train).sum(dim=1)
         return out
@@ -304,6 +304,17 @@ class Influence:
         helpful_scores, helpful = scores.topk(k, dim=1, largest=True)
         harmful_scores, harmful = scores.topk(k, dim=1, largest=False)
         return TopK(helpful, helpful_scores, harmful, harmful_scores)
+
+
+def _finite(G: Tensor, rows: slice, side: str) -> Tensor:
+    """G unchanged, or :class:`NonFiniteError` naming the examples whose gradient is NaN/inf."""
+    what = "test measurement" if side == "test" else "training loss"
+    raise_if_flagged(
+        ~torch.isfinite(G).all(dim=1), rows,
+        f"The gradient of the {what} is NaN or infinite at {side} example(s) {{where}}, although "
+        "the value itself is finite (e.g. sqrt or abs at 0, or a clamp with an infinite "
+        "derivative). Influence needs finite gradients; smooth the loss there.")
+    return G
 
 
 def _slices(n: int, size: int) -> list[slice]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..curvature import HessianOperator
-from ..errors import NotFittedError
+from ..errors import NonFiniteError, NotFittedError
 
 
 @dataclass
@@ -90,7 +90,14 @@ class Solver(ABC):
     def solve(self, V: Tensor) -> Tensor:
         """X with rows x_j = A⁻¹ v_j, for ``V`` of shape ``(k, p)`` (or ``(p,)``)."""
         single = V.ndim == 1
-        V = V.reshape(-1, self.operator.dim).to(self.operator.dtype)
+        op = self.operator
+        V = V.reshape(-1, op.dim).to(device=op.device, dtype=op.dtype)
+        bad = ~torch.isfinite(V).all(dim=1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten().tolist()[:10]
+            raise NonFiniteError(
+                f"{type(self).__name__}.solve got right-hand sides with NaN or infinite entries "
+                f"(rows: {rows}); A⁻¹v is undefined for them. Check the gradients behind them.")
         X = self._solve(V) if V.shape[0] else V.clone()
         return X[0] if single else X
 
@@ -104,7 +111,7 @@ class Solver(ABC):
                 f"{type(self).__name__} is not a fixed linear map of its input and cannot serve "
                 "as a preconditioner; use 'ekfac', 'kfac', 'arnoldi' or 'direct'."
             )
-        return self._apply(V.to(self.operator.dtype))
+        return self._apply(V.to(device=self.operator.device, dtype=self.operator.dtype))
 
     def _apply(self, V: Tensor) -> Tensor:
         """A⁻¹V for linear solvers (they override it); ``_solve`` adds the report."""

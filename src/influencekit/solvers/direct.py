@@ -48,7 +48,8 @@ class Direct(Solver):
         mu_min, mu_max = float(mu[0]), float(mu[-1])
         floor = p * torch.finfo(operator.dtype).eps * max(abs(mu_max), 1e-300)
         if mu_min <= floor:
-            raise IndefiniteHessianError(_indefinite_message(mu_min, mu_max, operator.damping))
+            raise IndefiniteHessianError(
+                _indefinite_message(mu_min, mu_max, operator.damping, floor))
         self._A, self._Q, self.eigenvalues_ = A, Q, mu
         return self
 
@@ -71,14 +72,18 @@ class Direct(Solver):
         return X64.to(V.dtype)
 
 
-def _indefinite_message(mu_min: float, mu_max: float, damping: float) -> str:
+def _indefinite_message(mu_min: float, mu_max: float, damping: float, floor: float) -> str:
+    """Why A was refused and a damping that clears the refusal threshold."""
     hessian_min = mu_min - damping
-    needed = max(abs(hessian_min), 1e-12 * abs(mu_max), 1e-12)
-    suggestion = 10.0 ** math.ceil(math.log10(2.0 * needed))
-    return (
-        f"The damped Hessian H + {damping:g}·I is not positive definite: its smallest eigenvalue "
-        f"is {mu_min:.3g} (largest {mu_max:.3g}), so H⁻¹ does not describe a minimum. The model "
-        f"may not be trained to convergence, or the objective is not convex. Add damping, e.g. "
-        f"damping={suggestion:g} (about twice the most negative eigenvalue of H, "
-        f"{hessian_min:.3g}), or train the model further."
-    )
+    needed = max(2.0 * max(-hessian_min, 0.0), 10.0 * floor)
+    suggestion = 10.0 ** math.ceil(math.log10(needed + damping))
+    if mu_min > 0:
+        problem = (f"is numerically singular: its smallest eigenvalue {mu_min:.3g} is below the "
+                   f"round-off threshold {floor:.3g} (p·eps·λ_max), so H⁻¹ would amplify noise")
+    else:
+        problem = (f"is not positive definite: its smallest eigenvalue is {mu_min:.3g} (largest "
+                   f"{mu_max:.3g}), so H⁻¹ does not describe a minimum; the model may not be "
+                   "trained to convergence, or the objective is not convex")
+    return (f"The damped Hessian H + {damping:g}·I {problem}. Use damping={suggestion:g} or more "
+            f"(it must exceed {needed:.3g}), add weight decay, use curvature='gauss-newton', or "
+            "train the model further.")
