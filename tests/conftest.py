@@ -76,6 +76,23 @@ class Problem:
         loss = self.objective.test_loss(self.outputs(theta, X[None]), y[None]).sum()
         return torch.autograd.grad(loss, theta)[0]
 
+    def reference_perturbation(self, train_indices: list[int], damping: float = 0.0) -> Tensor:
+        """(m, k, *x) I_pert,loss by double backward through the dense-Hessian solve."""
+        H = self.dense_hessian(damping)
+        rows = []
+        for xt, yt in zip(self.X_test, self.y_test, strict=True):
+            s_test = torch.linalg.solve(H, self.test_grad(xt, yt))
+            row = []
+            for i in train_indices:
+                x = self.X[i].clone().requires_grad_(True)
+                theta = self.theta().requires_grad_(True)
+                loss = self.objective.train_loss(self.outputs(theta, x[None]),
+                                                 self.y[i : i + 1]).sum()
+                (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+                row.append(torch.autograd.grad(-(s_test @ g), x)[0])
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
+
     def reference_influence(self, damping: float = 0.0) -> Tensor:
         """(m, n) I_up,loss from the dense Hessian and autograd gradients."""
         H = self.dense_hessian(damping)

@@ -84,15 +84,38 @@ def test_gauss_newton_products_equal_the_dense_gauss_newton_matrix(
 
 def test_gauss_newton_equals_the_hessian_for_a_linear_model(logreg: Problem) -> None:
     """For a model linear in θ the network's second derivatives vanish, so G = H."""
-    torch.testing.assert_close(dense_gauss_newton(logreg), logreg.dense_hessian(),
-                               rtol=1e-10, atol=1e-12)
+    tracked = TrackedParameters(logreg.model)
+    ops = [HessianOperator(GradientComputer(tracked, logreg.objective), ExampleSet(logreg.train),
+                           tracked.flat(), 0.0, 7, curvature=c)
+           for c in ("hessian", "gauss-newton")]
+    torch.testing.assert_close(ops[1].dense(), ops[0].dense(), rtol=1e-10, atol=1e-12)
 
 
 def test_gauss_newton_is_positive_semidefinite_where_the_hessian_is_not() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     X, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(3, (30,))
-    problem = Problem(model, ik.CrossEntropyObjective(), X, y, X[:2], y[:2],
-                      [n for n, _ in model.named_parameters()])
-    assert float(torch.linalg.eigvalsh(problem.dense_hessian())[0]) < -1e-6
-    assert float(torch.linalg.eigvalsh(dense_gauss_newton(problem))[0]) > -1e-10
+    tracked = TrackedParameters(model)
+    H, G = (HessianOperator(GradientComputer(tracked, ik.CrossEntropyObjective()),
+                            ExampleSet((X, y)), tracked.flat(), 0.0, 8, curvature=c).dense()
+            for c in ("hessian", "gauss-newton"))
+    assert float(torch.linalg.eigvalsh(H)[0]) < -1e-6
+    assert float(torch.linalg.eigvalsh(G)[0]) > -1e-10
+
+
+def test_products_do_not_depend_on_how_many_vectors_go_together(mlp: Problem) -> None:
+    V = torch.randn(9, mlp.theta().numel(), dtype=torch.float64)
+    together = _operator(mlp).matvec(V)
+    tracked = TrackedParameters(mlp.model)
+    one_by_one = HessianOperator(GradientComputer(tracked, mlp.objective), ExampleSet(mlp.train),
+                                 tracked.flat(), 0.0, 7, max_vectors=2).matvec(V)
+    torch.testing.assert_close(one_by_one, together, rtol=1e-12, atol=1e-13)
+
+
+def test_lanczos_estimates_the_largest_eigenvalue_in_few_steps(mlp: Problem) -> None:
+    """LiSSA's scale uses 20 Lanczos steps: enough for λ_max to a fraction of a percent."""
+    H = mlp.dense_hessian()
+    exact = float(torch.linalg.eigvalsh(H)[-1])
+    ritz = lanczos_ritz_values(_operator(mlp).matvec, H.shape[0], num_iter=20)
+    assert float(ritz[-1]) == pytest.approx(exact, rel=1e-3)
+    assert float(ritz[-1]) <= exact * (1 + 1e-10)  # Ritz values never exceed λ_max

@@ -113,7 +113,10 @@ def test_every_score_works_end_to_end_for_a_model_vmap_cannot_batch(
         inf = ik.Influence(model, objective, (X, y), solver="cg").fit()
         scores = inf.influence(problem.test)
         Q = inf.perturbation_influence(problem.test, [0, 1])
-        inf.self_influence()
+        self_scores = inf.self_influence()
     assert "one example at a time" in caplog.text
     torch.testing.assert_close(scores, problem.reference_influence(), rtol=1e-8, atol=1e-12)
-    assert Q.shape == (3, 2, 4) and bool(torch.isfinite(Q).all())
+    torch.testing.assert_close(Q, problem.reference_perturbation([0, 1]), rtol=1e-8, atol=1e-12)
+    as_test = Problem(model, objective, X, y, X, y, names)
+    torch.testing.assert_close(self_scores, torch.diagonal(as_test.reference_influence()),
+                               rtol=1e-8, atol=1e-12)

@@ -88,19 +88,9 @@ def test_params_influence_predicts_the_refit_parameters() -> None:
 
 def test_perturbation_influence_equals_an_independent_autograd_computation(mlp: Problem) -> None:
     inf = ik.Influence(mlp.model, mlp.objective, mlp.train, solver="direct").fit()
-    indices = [1, 4]
-    Q = inf.perturbation_influence(mlp.test, indices)
+    Q = inf.perturbation_influence(mlp.test, [1, 4])
     assert Q.shape == (mlp.X_test.shape[0], 2, mlp.X.shape[1])
-    H = mlp.dense_hessian()
-    for j, (xt, yt) in enumerate(zip(mlp.X_test, mlp.y_test, strict=True)):
-        s_test = torch.linalg.solve(H, mlp.test_grad(xt, yt))
-        for col, i in enumerate(indices):
-            x = mlp.X[i].clone().requires_grad_(True)
-            theta = mlp.theta().requires_grad_(True)
-            loss = mlp.objective.train_loss(mlp.outputs(theta, x[None]), mlp.y[i : i + 1]).sum()
-            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-            (expected,) = torch.autograd.grad(-(s_test @ g), x)
-            torch.testing.assert_close(Q[j, col], expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(Q, mlp.reference_perturbation([1, 4]), rtol=1e-9, atol=1e-12)
 
 
 def test_self_influence_is_the_diagonal_of_train_on_train_influence(mlp: Problem) -> None:
@@ -206,3 +196,31 @@ def test_one_solver_object_can_configure_several_influences(logreg: Problem,
     ik.Influence(mlp.model, mlp.objective, mlp.train, solver=shared).fit().influence(mlp.test)
     torch.testing.assert_close(first.influence(logreg.test), before)
     assert shared.last_report is None  # the caller's object is never bound
+
+
+def test_a_convolutional_model_with_batch_norm_matches_the_dense_reference() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 2 * 2, 3)).double()
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (30,), generator=g)
+    objective = ik.CrossEntropyObjective(weight_decay=0.05)
+    ik.training.train_steps(model, objective, (X, y), steps=50, lr=0.05, batch_size=30)
+    model.eval()
+    problem = Problem(model, objective, X[:24], y[:24], X[24:], y[24:],
+                      [n for n, _ in model.named_parameters()])
+    model.train()  # Influence must evaluate in eval mode and restore this
+    inf = ik.Influence(model, objective, problem.train, solver="direct", damping=2.0).fit()
+    scores = inf.influence(problem.test)
+    assert model.training
+    model.eval()
+    assert relative_error(scores, problem.reference_influence(2.0)) < 1e-9
+    torch.testing.assert_close(inf.perturbation_influence(problem.test, [0, 5]),
+                               problem.reference_perturbation([0, 5], 2.0), rtol=1e-8,
+                               atol=1e-12)
+
+
+def test_params_influence_of_no_points_is_empty(logreg: Problem) -> None:
+    inf = ik.Influence(logreg.model, logreg.objective, logreg.train, solver="direct").fit()
+    assert inf.params_influence([]).shape == (0, 15)

@@ -215,3 +215,10 @@ def test_following_directs_damping_advice_clears_the_refusal(case: str, logreg: 
         ik.Direct().prepare(_operator(problem))
     suggestion = float(re.search(r"damping=([0-9.e+-]+) or more", str(refusal.value)).group(1))
     ik.Direct().prepare(_operator(problem, damping=suggestion))
+
+
+def test_lissa_reports_its_residual_with_its_own_damping_too(logreg: Problem) -> None:
+    solver = ik.LiSSA(scale=10.0, depth=3, damping=0.01)
+    with pytest.warns(ik.ConvergenceWarning, match="relative residual"):
+        solver.prepare(_operator(logreg)).solve(torch.randn(2, 15, dtype=torch.float64))
+    assert solver.last_report.relative_residual > 0.05 and not solver.last_report.converged

@@ -30,6 +30,7 @@ from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from .data import ExampleSet
+from .errors import OUT_OF_MEMORY
 from .gradients import GradientComputer
 
 logger = logging.getLogger(__name__)
@@ -54,16 +55,21 @@ class HessianOperator:
         mode: how products are formed; ``"auto"`` picks by block size and falls back on failure.
         progress: show a progress bar over chunks for long passes (dense Hessian).
         curvature: ``"hessian"`` (exact) or ``"gauss-newton"``.
+        max_vectors: vectors multiplied together per chunk (bounds memory, see ``matvec``).
     """
 
     def __init__(self, gradients: GradientComputer, data: ExampleSet, theta: Tensor,
                  damping: float = 0.0, chunk_size: int = 256, mode: HVPMode = "auto",
-                 progress: bool = False, curvature: Curvature = "hessian") -> None:
+                 progress: bool = False, curvature: Curvature = "hessian",
+                 max_vectors: int = 128) -> None:
         if mode != "auto" and mode not in _MODES:
             raise ValueError(f"hvp mode must be 'auto' or one of {_MODES}, got {mode!r}.")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
         self.curvature = curvature
+        if not (isinstance(max_vectors, int) and max_vectors >= 1):
+            raise ValueError(f"max_vectors must be a positive integer, got {max_vectors!r}.")
+        self.max_vectors = max_vectors
         self.gradients = gradients
         self.data = data
         self.theta = theta.detach()
@@ -98,13 +104,19 @@ class HessianOperator:
         return self.gradients.objective.weight_decay + self.damping
 
     def matvec(self, V: Tensor) -> Tensor:
-        """A·v for each row v of ``V`` (``(k, p)`` or ``(p,)``), over the whole training set."""
+        """A·v for each row v of ``V`` (``(k, p)`` or ``(p,)``), over the whole training set.
+
+        The rows go through in blocks of at most ``max_vectors`` per pass over a chunk, so peak
+        memory is bounded by ``max_vectors`` × ``chunk_size`` × the activations of one example.
+        """
         single = V.ndim == 1
-        V = V.reshape(-1, self.dim).to(self.dtype)
+        V = V.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         out = torch.zeros_like(V)
         batches = self.data.batches(self.chunk_size, self.device, self.dtype)
         for _, X, y in batches:
-            out += self._data_hvp_sum(V, X, y)
+            for start in range(0, V.shape[0], self.max_vectors):
+                rows = slice(start, start + self.max_vectors)
+                out[rows] += self._data_hvp_sum(V[rows], X, y)
         out = out / self.num_train + self.shift * V
         self.num_matvecs += V.shape[0]
         return out[0] if single else out
@@ -137,7 +149,12 @@ class HessianOperator:
             E = torch.zeros(stop - start, p, dtype=self.dtype, device=self.device)
             E[:, start:stop] = torch.eye(stop - start, dtype=self.dtype, device=self.device)
             A[start:stop] = self.matvec(E)
-        return 0.5 * (A + A.T)
+        for start in range(0, p, block):  # (A + Aᵀ)/2 in place, one (block × p) strip at a time
+            stop = min(start + block, p)
+            strip = 0.5 * (A[start:stop] + A[:, start:stop].T)
+            A[start:stop] = strip
+            A[:, start:stop] = strip.T
+        return A
 
     def _modes(self, block: int) -> list[str]:
         if self.mode != "auto":
@@ -153,6 +170,8 @@ class HessianOperator:
         for position, mode in enumerate(modes):
             try:
                 return _HVP_BY_MODE[mode](self._batch_loss(X, y), self.theta, V)
+            except OUT_OF_MEMORY:
+                raise  # a fallback would only be slower and fail again
             except Exception as error:
                 if position == len(modes) - 1:
                     raise
@@ -168,6 +187,8 @@ class HessianOperator:
         if self._vectorized_ggn:
             try:
                 return _gauss_newton_product(self.gradients, self.theta, V, X, y, vmap)
+            except OUT_OF_MEMORY:
+                raise  # a fallback would only be slower and fail again
             except Exception as error:
                 logger.warning("Gauss-Newton products under vmap failed (%s: %s); looping over "
                                "vectors.", type(error).__name__, str(error).splitlines()[0])
@@ -184,6 +205,8 @@ class HessianOperator:
                         self.gradients, self.theta, V_r, X_r, y_r, vmap))(V, X, y)
                 return vmap(lambda V_r, X_r, y_r: _HVP_BY_MODE[mode](
                     self._batch_loss(X_r, y_r), self.theta, V_r))(V, X, y)
+            except OUT_OF_MEMORY:
+                raise  # a fallback would only be slower and fail again
             except Exception as error:
                 logger.info("Grouped vmap of Hessian-vector products failed (%s); looping over "
                             "groups.", type(error).__name__)

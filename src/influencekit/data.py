@@ -43,6 +43,7 @@ class ExampleSet:
         self._dataset: Dataset | None = None
         self._collate = default_collate
         self._num_workers = 0
+        self._cached_loader: tuple[int, DataLoader] | None = None
         if isinstance(data, ExampleSet):
             self.__dict__.update(data.__dict__)
             self.name = name
@@ -54,7 +55,8 @@ class ExampleSet:
                     "of the dataset instead (any shuffling is fine)."
                 )
             self._dataset = data.dataset
-            self._collate = data.collate_fn
+            # batch_size=None loaders convert single items; influencekit batches them itself
+            self._collate = data.collate_fn if data.batch_size is not None else default_collate
             self._num_workers = data.num_workers
         elif isinstance(data, Dataset):
             self._dataset = data
@@ -97,14 +99,9 @@ class ExampleSet:
     def take(self, indices: Tensor | list[int], device: torch.device | None = None,
              dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """The examples at ``indices`` as a batch ``(X, y)`` with X ``(k, *input_shape)``."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        n = len(self)
-        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise IndexError(
-                f"{self.name}: indices must lie in [0, {n}); got values from {int(idx.min())} to "
-                f"{int(idx.max())}."
-            )
-        idx = idx % n
+        idx = self._indices(indices)
+        if not idx.numel():
+            raise ValueError(f"{self.name}: no indices given; pass at least one example index.")
         if self._tensors is not None:
             X, y = self._tensors
             cpu_idx = idx.to(X.device)
@@ -113,18 +110,52 @@ class ExampleSet:
             batch = self._collate([self._dataset[int(i)] for i in idx])  # type: ignore[index]
         return _convert(batch, device, dtype, self.name)
 
+    def _indices(self, indices: Tensor | list[int]) -> Tensor:
+        """Integer indices in [0, n) on the CPU, from integers (negative ones count from the
+        end) or from a boolean mask of length n."""
+        n = len(self)
+        idx = torch.as_tensor(indices).reshape(-1).cpu()
+        if not idx.numel():
+            return idx.long()
+        if idx.dtype == torch.bool:
+            if idx.numel() != n:
+                raise ShapeMismatchError(
+                    f"{self.name}: a boolean mask must have one entry per example ({n}); got "
+                    f"{idx.numel()}.")
+            return torch.nonzero(idx).flatten()
+        if idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"{self.name}: indices must be integers or a boolean mask, got "
+                            f"dtype {idx.dtype}.")
+        idx = idx.long()
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(
+                f"{self.name}: indices must lie in [0, {n}) (or [-{n}, 0), counted from the end); "
+                f"got values from {int(idx.min())} to {int(idx.max())}."
+            )
+        return idx % n
+
     def without(self, indices: Tensor | list[int]) -> ExampleSet:
         """The same examples minus those at ``indices`` (order kept), e.g. for leave-one-out."""
         n = len(self)
         keep = torch.ones(n, dtype=torch.bool)
-        keep[torch.as_tensor(indices, dtype=torch.long).reshape(-1)] = False
+        keep[self._indices(indices)] = False
         if self._tensors is not None:
             X, y = self._tensors
             return ExampleSet((X[keep.to(X.device)], y[keep.to(y.device)]), self.name)
         subset = ExampleSet(Subset(self._dataset, torch.nonzero(keep).flatten().tolist()),  # type: ignore[arg-type]
                             self.name)
         subset._collate, subset._num_workers = self._collate, self._num_workers
+        subset._cached_loader = None
         return subset
+
+    def _loader(self, chunk_size: int) -> DataLoader:
+        """An in-order loader, kept so that its worker processes persist across passes."""
+        if self._cached_loader is None or self._cached_loader[0] != chunk_size:
+            loader = DataLoader(self._dataset, batch_size=chunk_size, shuffle=False,  # type: ignore[arg-type]
+                                collate_fn=self._collate, num_workers=self._num_workers,
+                                persistent_workers=self._num_workers > 0)
+            self._cached_loader = (chunk_size, loader)
+        return self._cached_loader[1]
 
     def batches(self, chunk_size: int, device: torch.device | None = None,
                 dtype: torch.dtype | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
@@ -142,8 +173,7 @@ class ExampleSet:
                 yield slice(start, stop), *_convert((X[start:stop], y[start:stop]), device,
                                                     dtype, self.name)
             return
-        loader = DataLoader(self._dataset, batch_size=chunk_size, shuffle=False,  # type: ignore[arg-type]
-                            collate_fn=self._collate, num_workers=self._num_workers)
+        loader = self._loader(chunk_size)
         start = 0
         for batch in loader:
             X, y = _convert(batch, device, dtype, self.name)

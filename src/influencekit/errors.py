@@ -7,6 +7,8 @@ diverging solver, a call before ``fit``) subclass ``RuntimeError``.
 
 from __future__ import annotations
 
+import torch
+
 
 class InfluenceKitError(Exception):
     """Base class of every error raised by influencekit."""
@@ -50,6 +52,10 @@ class IndefiniteHessianError(InfluenceKitError, RuntimeError):
 
 class SolverDivergedError(InfluenceKitError, RuntimeError):
     """An iterative solver produced NaN or grew without bound."""
+
+
+#: errors that the vectorised-to-loop fallbacks must not swallow (they would fail again, slower)
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemoryError)
 
 
 class ConvergenceWarning(UserWarning):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from .errors import OUT_OF_MEMORY
 from .objective import Objective
 from .parameters import TrackedParameters
 
@@ -70,6 +71,8 @@ class GradientComputer:
         if self.vectorize:
             try:
                 return vmap(grad(self._one(loss_fn)), in_dims=(None, 0, 0))(theta, X, y)
+            except OUT_OF_MEMORY:
+                raise  # a fallback would only be slower and fail again
             except Exception as error:  # vmap cannot batch this model: loop instead
                 self._fall_back(error)
         return torch.stack([self._loop_grad(loss_fn, theta, X[i : i + 1], y[i : i + 1])
@@ -118,6 +121,8 @@ class GradientComputer:
                 per_point = vmap(vmap(grad(directional), in_dims=(None, None, 0)),
                                  in_dims=(0, 0, None))
                 return per_point(X, y, S).transpose(0, 1)
+            except OUT_OF_MEMORY:
+                raise  # a fallback would only be slower and fail again
             except Exception as error:
                 self._fall_back(error)
         return torch.stack([self._loop_input_grad(theta, S, X[i], y[i])

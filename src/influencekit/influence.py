@@ -215,6 +215,9 @@ class Influence:
         self._require_fitted()
         with evaluation_mode(self.model):
             if indices is not None:
+                if not torch.as_tensor(indices).numel():
+                    return torch.empty(0, self.tracked_.dim, dtype=self._dtype(),
+                                       device=self._device())
                 X, y = self.train_data.take(indices, self._device(), self._dtype())
                 return torch.cat([self.gradients_.train(self.theta_, X[s], y[s])
                                   for s in _slices(X.shape[0], self.chunk_size)])

@@ -43,14 +43,13 @@ class Direct(Solver):
                 f"Direct forms the explicit {p}×{p} Hessian, above max_dim={self.max_dim}. Use "
                 "solver='cg' (or 'lissa'), track fewer parameters, or raise Direct(max_dim=...)."
             )
-        A = operator.dense(self.block).to(torch.float64)
-        mu, Q = torch.linalg.eigh(A)
+        mu, Q = torch.linalg.eigh(operator.dense(self.block).to(torch.float64))
         mu_min, mu_max = float(mu[0]), float(mu[-1])
         floor = p * torch.finfo(operator.dtype).eps * max(abs(mu_max), 1e-300)
         if mu_min <= floor:
             raise IndefiniteHessianError(
                 _indefinite_message(mu_min, mu_max, operator.damping, floor))
-        self._A, self._Q, self.eigenvalues_ = A, Q, mu
+        self._Q, self.eigenvalues_ = Q, mu  # A = Q·diag(μ)·Qᵀ; nothing else p×p is kept
         return self
 
     def _apply(self, V: Tensor) -> Tensor:
@@ -63,7 +62,7 @@ class Direct(Solver):
         mu = self.eigenvalues_
         self.last_report = SolveReport(
             solver=self.name,
-            relative_residual=_max_ratio(X64 @ self._A - V64, V64),
+            relative_residual=_max_ratio(((X64 @ self._Q) * mu) @ self._Q.T - V64, V64),
             damping=self.operator.damping,
             min_eigenvalue=float(mu[0]),
             max_eigenvalue=float(mu[-1]),

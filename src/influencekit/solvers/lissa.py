@@ -23,7 +23,7 @@ from torch import Tensor
 from ..curvature import HessianOperator
 from ..errors import ConvergenceWarning, SolverDivergedError
 from ..spectrum import lanczos_ritz_values
-from .base import Solver, SolveReport
+from .base import Solver, SolveReport, _max_ratio
 
 
 class LiSSA(Solver):
@@ -107,7 +107,6 @@ class LiSSA(Solver):
         k, p = V.shape
         full_batch = self.batch_size >= op.num_train  # deterministic: every point, every step
         R, b = (1, op.num_train) if full_batch else (self.repeats, self.batch_size)
-        everything = torch.arange(op.num_train).expand(1, op.num_train)
         generator = torch.Generator().manual_seed(self.seed)
         V_rep = V.unsqueeze(0).expand(R, k, p)
         S = V_rep.clone()
@@ -115,9 +114,12 @@ class LiSSA(Solver):
         first_averaged = self.depth - max(1, round(self.tail * self.depth)) + 1
         total = torch.zeros_like(S)
         for step in range(1, self.depth + 1):
-            idx = everything if full_batch else torch.randint(op.num_train, (R, b),
-                                                              generator=generator)
-            S = V_rep + (1.0 - self.damping) * S - op.sampled_matvec(S, idx) / scale
+            if full_batch:  # every point: the chunked full product, memory bounded
+                product = op.matvec(S[0]).unsqueeze(0)
+            else:
+                product = op.sampled_matvec(S, torch.randint(op.num_train, (R, b),
+                                                             generator=generator))
+            S = V_rep + (1.0 - self.damping) * S - product / scale
             if step >= first_averaged:
                 total += S
             if step % 25 == 0 or step == self.depth:
@@ -126,7 +128,8 @@ class LiSSA(Solver):
                     raise SolverDivergedError(self._divergence_message(step, norm))
         X = total.mean(dim=0) / (scale * (self.depth - first_averaged + 1))
         effective_damping = op.damping + scale * self.damping
-        residual = self._relative_residual(X, V) if self.damping == 0 else float("nan")
+        extra = scale * self.damping  # the recursion solves (A + scale·d·I) X = V
+        residual = _max_ratio(op.matvec(X) + extra * X - V, V)
         self.last_report = SolveReport(
             solver=self.name, relative_residual=residual, iterations=self.depth,
             converged=not residual > self.warn_residual, damping=effective_damping,
