@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UnknownSolverError
+from .arnoldi import Arnoldi
 from .base import Solver, SolveReport
 from .cg import CG
 from .direct import Direct
@@ -10,7 +11,7 @@ from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
 SOLVERS: dict[str, type[Solver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "kfac": KFAC,
-                                     "ekfac": EKFAC}
+                                     "ekfac": EKFAC, "arnoldi": Arnoldi}
 
 
 def make_solver(spec: str | Solver) -> Solver:
@@ -29,5 +30,15 @@ def make_solver(spec: str | Solver) -> Solver:
     )
 
 
-__all__ = ["CG", "EKFAC", "KFAC", "SOLVERS", "Direct", "LiSSA", "SolveReport", "Solver",
-           "make_solver"]
+__all__ = [
+    "CG",
+    "EKFAC",
+    "KFAC",
+    "SOLVERS",
+    "Arnoldi",
+    "Direct",
+    "LiSSA",
+    "SolveReport",
+    "Solver",
+    "make_solver",
+]
