@@ -84,6 +84,11 @@ class ExampleSet:
                     f"a {type(first).__name__}."
                 )
 
+    @property
+    def tensors(self) -> tuple[Tensor, Tensor] | None:
+        """The ``(X, y)`` tensors when the data was given as tensors, else ``None``."""
+        return self._tensors
+
     def __len__(self) -> int:
         if self._tensors is not None:
             return int(self._tensors[0].shape[0])

@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import grad
 from tqdm.auto import tqdm
 
+from . import cache
 from .curvature import CURVATURES, Curvature, HessianOperator, HVPMode
 from .data import ExampleSet, check_compatible, check_finite, raise_if_flagged
 from .errors import NotFittedError, ObjectiveMismatchError
@@ -124,6 +126,7 @@ class Influence:
                                        self.curvature)
             self.solver.prepare(operator)
         self.theta_ = theta
+        self._gradient_cache: Tensor | None = None
         self.gradients_ = gradients
         self.operator_ = operator
         self.num_train_ = len(self.train_data)
@@ -224,8 +227,35 @@ class Influence:
             return torch.cat([G for _, G in self._train_gradient_chunks("training gradients")])
 
     def _train_gradient_chunks(self, description: str) -> Iterator[tuple[slice, Tensor]]:
+        if self._gradient_cache is not None:
+            for rows in _slices(self.num_train_, self.chunk_size):
+                yield rows, self._gradient_cache[rows]
+            return
         for rows, X, y in self._batches(self.train_data, description):
             yield rows, _finite(self.gradients_.train(self.theta_, X, y), rows, "training")
+
+    def cache_train_gradients(self, path: str | Path | None = None) -> Influence:
+        """Keep the (n, p) training gradients so later batches of test points skip that pass.
+
+        With ``path``, the gradients are loaded from that file if it was made for this θ̂,
+        objective, parameter set and training data, and otherwise computed and written there
+        atomically; a file made for anything else is refused (:class:`CacheMismatchError`).
+        Memory: n·p numbers. Returns ``self``.
+        """
+        self._require_fitted()
+        meta = cache.fingerprint(self.theta_, self.tracked_.names, self.objective,
+                                 self.train_data)
+        if path is not None and Path(path).exists():
+            gradients = cache.load(path, meta).to(self._device(), self._dtype())
+        else:
+            self._gradient_cache = None
+            with evaluation_mode(self.model):
+                gradients = torch.cat([G for _, G in self._train_gradient_chunks(
+                    "training gradients")])
+            if path is not None:
+                cache.save(path, gradients, meta)
+        self._gradient_cache = gradients
+        return self
 
     def solve(self, V: Tensor) -> Tensor:
         """A⁻¹·v for each row of ``V`` ``(k, p)``, A = H + λ_d·I; see :attr:`last_solve_report`."""
