@@ -122,3 +122,26 @@ def test_fig2_logreg_runs_on_mnist_files_given_with_data(tmp_path: Path,
 def test_reproduce_cli_rejects_unknown_names(capsys: pytest.CaptureFixture) -> None:
     assert main(["reproduce", "fig9"]) == 2
     assert "Unknown experiment 'fig9'" in capsys.readouterr().err
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path: Path) -> None:
+    def nan_run(settings: RunSettings) -> Outcome:
+        return Outcome(metrics={"a": float("nan"), "b": 1.0}, data="toy")
+
+    run_experiment(Experiment(name="nan", title="", keys=("a", "b"), paper={}, run=nan_run),
+                   tmp_path)
+    assert json.loads((tmp_path / "nan" / "results.json").read_text())["a"] is None
+
+
+def test_hardest_misclassified_understands_signed_labels() -> None:
+    import torch
+    from torch import nn
+
+    import influencekit as ik
+    from influencekit.reproduce.common import hardest_misclassified
+
+    model = nn.Linear(1, 1, bias=False).double()
+    nn.init.ones_(model.weight)
+    X = torch.tensor([[-2.0], [0.1], [-0.5]], dtype=torch.float64)
+    for labels in (torch.tensor([-1, 1, 1]), torch.tensor([0, 1, 1])):
+        assert hardest_misclassified(model, ik.BinaryLogisticObjective(), X, labels) == 2

@@ -32,5 +32,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    """Atomically write ``payload`` as indented JSON."""
-    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Atomically write ``payload`` as indented, standard JSON.
+
+    NaN and infinities have no JSON spelling; they are refused (ValueError) rather than written
+    as the non-standard ``NaN``. Callers that may hold them write ``None`` (null) instead.
+    """
+    text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
+    return atomic_write_text(path, text + "\n")

@@ -38,8 +38,10 @@ def hardest_misclassified(model: nn.Module, objective: Objective, X: Tensor, y: 
     with torch.no_grad():
         outputs = model(X)
         losses = objective.test_loss(outputs, y)
-        predicted = outputs.argmax(dim=1) if outputs.ndim == 2 and outputs.shape[1] > 1 \
-            else (outputs.reshape(-1) > 0).long()
-    wrong = torch.nonzero(predicted != y).flatten()
+        if outputs.ndim == 2 and outputs.shape[1] > 1:
+            wrong = torch.nonzero(outputs.argmax(dim=1) != y).flatten()
+        else:  # one score per example, labels {0, 1} or {−1, +1}: wrong when y±·f(x) ≤ 0
+            signed = torch.where(y == 0, -torch.ones_like(y), y).to(outputs.dtype)
+            wrong = torch.nonzero(signed * outputs.reshape(-1) <= 0).flatten()
     pool = wrong if wrong.numel() else torch.arange(len(y))
     return int(pool[losses[pool].argmax()])

@@ -38,7 +38,8 @@ def run_experiment(experiment: Experiment, out: Path, seed: int = 0, quick: bool
     missing = [k for k in experiment.keys if k not in outcome.metrics]
     if missing:
         raise RuntimeError(f"experiment {experiment.name} did not produce {missing}")
-    metrics = {k: float(v) for k, v in outcome.metrics.items()}
+    metrics: dict[str, float | None] = {
+        k: float(v) if math.isfinite(float(v)) else None for k, v in outcome.metrics.items()}
     metrics.update(seconds=round(seconds, 2), seed=float(seed), quick=float(quick))
     atomic_write_json(settings.out / "results.json", metrics)
     atomic_write_json(settings.out / "about.json", {
@@ -49,9 +50,9 @@ def run_experiment(experiment: Experiment, out: Path, seed: int = 0, quick: bool
     return Record(experiment, outcome, seconds, settings)
 
 
-def format_number(value: float) -> str:
+def format_number(value: float | None) -> str:
     """Compact display: integers as such, small and large numbers in scientific notation."""
-    if math.isnan(value):
+    if value is None or math.isnan(value):
         return "nan"
     if float(value).is_integer() and abs(value) < 1e6:
         return str(int(value))
