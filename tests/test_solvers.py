@@ -222,3 +222,27 @@ def test_lissa_reports_its_residual_with_its_own_damping_too(logreg: Problem) ->
     with pytest.warns(ik.ConvergenceWarning, match="relative residual"):
         solver.prepare(_operator(logreg)).solve(torch.randn(2, 15, dtype=torch.float64))
     assert solver.last_report.relative_residual > 0.05 and not solver.last_report.converged
+
+
+def test_preconditioned_lissa_has_the_same_fixed_point_and_converges_faster(mlp: Problem) -> None:
+    """With M = the exact inverse, M·A = I: full-batch LiSSA is exact after a handful of steps."""
+    A = mlp.dense_hessian(0.01)
+    V = torch.randn(2, A.shape[0], dtype=torch.float64)
+    expected = torch.linalg.solve(A, V.T).T
+    op = _operator(mlp, damping=0.01)
+    fast = ik.LiSSA(depth=20, batch_size=1000, preconditioner="direct", tail=0.0)
+    assert relative_error(fast.prepare(op).solve(V), expected) < 1e-10
+    assert fast.scale_ == pytest.approx(1.2, rel=1e-6)  # λ_max(M·A) = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ik.ConvergenceWarning)
+        slow = ik.LiSSA(depth=20, batch_size=1000, tail=0.0).prepare(op).solve(V)
+    assert relative_error(slow, expected) > 1e-3
+
+
+def test_preconditioned_lissa_with_ekfac_agrees_with_the_dense_solve(mlp: Problem) -> None:
+    A = mlp.dense_hessian(0.01)
+    V = torch.randn(2, A.shape[0], dtype=torch.float64)
+    X = ik.LiSSA(depth=400, preconditioner="ekfac").prepare(_operator(mlp, 0.01)).solve(V)
+    expected = torch.linalg.solve(A, V.T).T
+    for row, ref in zip(X, expected, strict=True):
+        assert pearson(row, ref) > 0.99

@@ -10,12 +10,22 @@ is (A + scale·d·I)⁻¹ v: the solver's own damping d adds scale·d to the Inf
 (d = 0 by default, so all solvers answer the same question). The recursion converges only if the
 eigenvalues of (A + scale·d·I)/scale lie in (0, 2); by default ``scale`` is set from a Lanczos
 estimate of the largest eigenvalue of A and of its mini-batch versions, so that it does.
+
+Its error shrinks like (1 − μ_min/scale)^j: with a condition number of 10⁴ (damping 1e-3 on a
+network) that takes tens of thousands of steps. With a ``preconditioner`` M ≈ A⁻¹ (a linear
+solver such as ``"ekfac"``) the same recursion runs on the equivalent system M A x = M v,
+
+    s₀ = M v,   s_j = M v + (1 − d)·s_{j−1} − M A_j s_{j−1} / scale,
+
+whose fixed point is unchanged while the rate is set by the eigenvalues of M A, which cluster near
+1; ``scale`` is then estimated by power iteration on M A.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -44,13 +54,16 @@ class LiSSA(Solver):
         tail: the estimate averages the iterates of this final fraction of the steps (Polyak
             averaging, which cuts the noise of the stochastic recursion many-fold at no cost);
             0 returns the last iterate, as in the paper.
+        preconditioner: ``None`` or a linear solver (``"ekfac"``, ``"kfac"``, ``"arnoldi"`` or an
+            object) whose approximate inverse M turns the recursion into one on M A x = M v.
     """
 
     name = "lissa"
 
     def __init__(self, scale: float | None = None, depth: int = 1000, repeats: int = 4,
                  batch_size: int = 64, damping: float = 0.0, seed: int = 0,
-                 warn_residual: float = 0.05, tail: float = 0.5) -> None:
+                 warn_residual: float = 0.05, tail: float = 0.5,
+                 preconditioner: str | Solver | None = None) -> None:
         super().__init__()
         if scale is not None and not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}.")
@@ -72,11 +85,22 @@ class LiSSA(Solver):
         self.seed = seed
         self.warn_residual = warn_residual
         self.tail = tail
+        self.preconditioner = preconditioner
+        self._precondition: Callable[[Tensor], Tensor] = _identity
         self.scale_: float | None = None
         self.max_eigenvalue_: float | None = None
 
     def prepare(self, operator: HessianOperator) -> LiSSA:
         super().prepare(operator)
+        self._precondition = _identity
+        if self.preconditioner is not None:
+            from . import make_solver  # the registry imports this module
+
+            inner = make_solver(self.preconditioner)
+            if not inner.linear:
+                raise TypeError(f"{type(inner).__name__} is not a fixed linear map and cannot "
+                                "precondition LiSSA; use 'ekfac', 'kfac' or 'arnoldi'.")
+            self._precondition = inner.prepare(operator).apply_inverse
         if self.scale is not None:
             self.scale_ = float(self.scale)
             return self
@@ -86,18 +110,29 @@ class LiSSA(Solver):
 
     def _estimate_max_eigenvalue(self, op: HessianOperator, batches: int = 4,
                                  iters: int = 20) -> float:
-        estimates = [float(lanczos_ritz_values(op.matvec, op.dim, iters, self.seed, op.dtype,
-                                               op.device)[-1])]
+        """Largest eigenvalue of A (or of M·A), over the full data and a few mini-batches."""
+        M = self._precondition
+        start = torch.randn(1, op.dim, generator=torch.Generator().manual_seed(self.seed))
+        start = start.to(op.device, op.dtype)
+
+        def largest(matvec: Callable[[Tensor], Tensor]) -> float:
+            if self.preconditioner is not None:  # M·A: real positive eigenvalues, not symmetric
+                return power_iteration(lambda v: M(matvec(v)), start, 2 * iters)
+            return float(lanczos_ritz_values(matvec, op.dim, iters, self.seed, op.dtype,
+                                             op.device)[-1])
+
+        estimates = [largest(op.matvec)]
         generator = torch.Generator().manual_seed(self.seed + 1)
         b = min(self.batch_size, op.num_train)
+        if self.batch_size >= op.num_train:
+            batches = 0  # full batches only: their Hessian is the full one
         for _ in range(batches):
             idx = torch.randint(op.num_train, (1, b), generator=generator)
 
             def batch_matvec(v: Tensor, idx: Tensor = idx) -> Tensor:
                 return op.sampled_matvec(v.unsqueeze(0), idx)[0]
 
-            estimates.append(float(lanczos_ritz_values(batch_matvec, op.dim, iters, self.seed,
-                                                       op.dtype, op.device)[-1]))
+            estimates.append(largest(batch_matvec))
         return max(estimates)
 
     def _solve(self, V: Tensor) -> Tensor:
@@ -108,9 +143,10 @@ class LiSSA(Solver):
         full_batch = self.batch_size >= op.num_train  # deterministic: every point, every step
         R, b = (1, op.num_train) if full_batch else (self.repeats, self.batch_size)
         generator = torch.Generator().manual_seed(self.seed)
-        V_rep = V.unsqueeze(0).expand(R, k, p)
+        M = self._precondition
+        V_rep = M(V).unsqueeze(0).expand(R, k, p)
         S = V_rep.clone()
-        limit = 1e12 * float(V.norm()) + 1e-300
+        limit = 1e12 * float(V_rep[0].norm()) + 1e-300
         first_averaged = self.depth - max(1, round(self.tail * self.depth)) + 1
         total = torch.zeros_like(S)
         for step in range(1, self.depth + 1):
@@ -119,6 +155,8 @@ class LiSSA(Solver):
             else:
                 product = op.sampled_matvec(S, torch.randint(op.num_train, (R, b),
                                                              generator=generator))
+            if self.preconditioner is not None:
+                product = M(product.reshape(R * k, p)).reshape(R, k, p)
             S = V_rep + (1.0 - self.damping) * S - product / scale
             if step >= first_averaged:
                 total += S
@@ -134,7 +172,8 @@ class LiSSA(Solver):
             solver=self.name, relative_residual=residual, iterations=self.depth,
             converged=not residual > self.warn_residual, damping=effective_damping,
             max_eigenvalue=self.max_eigenvalue_,
-            details={"scale": scale, "repeats": R, "batch_size": b},
+            details={"scale": scale, "repeats": R, "batch_size": b,
+                     "preconditioned": float(self.preconditioner is not None)},
         )
         if residual > 1.0:
             raise SolverDivergedError(
@@ -162,3 +201,24 @@ class LiSSA(Solver):
             f"(0, 2): increase scale (now {self.scale_:.4g}; scale=None estimates it), or add "
             f"damping (now {self.operator.damping:g}) if H has negative eigenvalues."
         )
+
+
+def _identity(V: Tensor) -> Tensor:
+    return V
+
+
+def power_iteration(matvec: Callable[[Tensor], Tensor], start: Tensor, iterations: int) -> float:
+    """Largest eigenvalue of a matrix with real, positive eigenvalues (e.g. M·A with M, A SPD).
+
+    ``matvec`` maps ``(1, p)`` to ``(1, p)``; the estimate ‖B v‖ after ``iterations`` steps
+    approaches λ_max from below.
+    """
+    v = start / start.norm()
+    estimate = 0.0
+    for _ in range(iterations):
+        w = matvec(v)
+        estimate = float(w.norm())
+        if estimate == 0.0 or not math.isfinite(estimate):
+            break
+        v = w / estimate
+    return estimate
