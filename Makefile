@@ -26,8 +26,17 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_solvers.py
+# The benchmarks run in their own environment with the peer libraries (never our dependencies).
+BENCH_VENV ?= .bench-venv
+BENCH_OUT  ?= outputs/bench
+
+$(BENCH_VENV)/.installed-stamp: benchmarks/setup-env.sh pyproject.toml
+	PYTHON=$(PYTHON) bash benchmarks/setup-env.sh $(BENCH_VENV)
+
+bench: $(BENCH_VENV)/.installed-stamp
+	$(BENCH_VENV)/bin/python benchmarks/bench_solvers.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/compare.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/scaling.py --out $(BENCH_OUT)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) outputs .pytest_cache .ruff_cache
