@@ -120,3 +120,15 @@ def test_every_score_works_end_to_end_for_a_model_vmap_cannot_batch(
     as_test = Problem(model, objective, X, y, X, y, names)
     torch.testing.assert_close(self_scores, torch.diagonal(as_test.reference_influence()),
                                rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_gradient_blocks_are_the_flat_gradients_split_by_parameter(mlp: Problem,
+                                                                   vectorize: bool) -> None:
+    tracked = TrackedParameters(mlp.model)
+    computer = GradientComputer(tracked, mlp.objective, vectorize=vectorize)
+    theta = tracked.flat()
+    blocks = computer.train_blocks(theta, *mlp.train)
+    assert [b.shape[1] for b in blocks] == tracked.numels
+    flat = computer.train(theta, *mlp.train) - mlp.objective.weight_decay * theta
+    torch.testing.assert_close(torch.cat(blocks, dim=1), flat, rtol=1e-12, atol=1e-14)

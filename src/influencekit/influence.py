@@ -277,10 +277,31 @@ class Influence:
         solve and one pass over the training data.
         """
         S = self.solve(self.test_gradients(test))
+        return -self._dot_train_gradients(S, "scoring training points")
+
+    def _dot_train_gradients(self, S: Tensor, description: str) -> Tensor:
+        """S · ∇_θ L(z_i) for every training point, ``(k, n)``, in one pass over the data.
+
+        Without a gradient cache the per-example gradients stay split by parameter tensor and
+        the product is a sum of per-block products, plus λ·(S θ̂) for the regulariser's share.
+        """
         out = torch.empty(S.shape[0], self.num_train_, dtype=S.dtype, device=S.device)
+        if self._gradient_cache is not None:
+            for rows, G in self._train_gradient_chunks(description):
+                out[:, rows] = S @ G.T
+            return out
+        pieces = S.split(self.tracked_.numels, dim=1)
+        regulariser = self.objective.weight_decay * (S @ self.theta_)
         with evaluation_mode(self.model):
-            for rows, G in self._train_gradient_chunks("scoring training points"):
-                out[:, rows] = -(S @ G.T)
+            for rows, X, y in self._batches(self.train_data, description):
+                blocks = self.gradients_.train_blocks(self.theta_, X, y)
+                finite = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
+                product = torch.zeros(S.shape[0], X.shape[0], dtype=S.dtype, device=S.device)
+                for piece, block in zip(pieces, blocks, strict=True):
+                    finite &= torch.isfinite(block).all(dim=1)
+                    product += piece @ block.T
+                _finite(finite[:, None], rows, "training")
+                out[:, rows] = product + regulariser[:, None]
         return out
 
     def loo_change(self, test: Any) -> Tensor:

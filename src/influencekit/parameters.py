@@ -107,7 +107,11 @@ class TrackedParameters:
 
     def forward(self, theta: Tensor, inputs: Tensor) -> Tensor:
         """The model's output at θ (untracked parameters and buffers as they are now)."""
-        return functional_call(self.model, {**self._constants, **self.unflatten(theta)}, (inputs,))
+        return self.forward_parts(self.unflatten(theta), inputs)
+
+    def forward_parts(self, parts: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        """The model's output with the tracked parameters given by name (see :meth:`unflatten`)."""
+        return functional_call(self.model, {**self._constants, **parts}, (inputs,))
 
     @torch.no_grad()
     def assign(self, theta: Tensor) -> None:
