@@ -11,6 +11,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import influencekit as ik
+from influencekit.curvature import HessianOperator
+from influencekit.data import ExampleSet
+from influencekit.gradients import GradientComputer
+from influencekit.parameters import TrackedParameters
 from influencekit.training import minimize
 
 
@@ -185,3 +189,12 @@ def dense_gauss_newton(problem: Problem, damping: float = 0.0) -> Tensor:
         total += J.T @ H_out.reshape(out.numel(), out.numel()) @ J
     shift = problem.objective.weight_decay + damping
     return total / problem.X.shape[0] + shift * torch.eye(theta.numel(), dtype=theta.dtype)
+
+
+def make_operator(problem: Problem, damping: float = 0.0, chunk_size: int = 16,
+                  **options: object) -> HessianOperator:
+    """The library's curvature operator for a problem (options: mode, curvature, ...)."""
+    tracked = TrackedParameters(problem.model)
+    return HessianOperator(GradientComputer(tracked, problem.objective),
+                           ExampleSet(problem.train), tracked.flat(), damping, chunk_size,
+                           **options)  # type: ignore[arg-type]

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 import influencekit as ik
-from test_kfac import _operator
 
-from conftest import Problem, relative_error
+from conftest import Problem, make_operator, relative_error
 
 
 def test_full_rank_is_the_exact_inverse(mlp: Problem) -> None:
     p = mlp.theta().numel()
-    solver = ik.solvers.Arnoldi(rank=p, block=5).prepare(_operator(mlp, damping=0.01))
+    solver = ik.solvers.Arnoldi(rank=p, block=5).prepare(make_operator(mlp, damping=0.01))
     V = torch.randn(4, p, dtype=torch.float64)
     assert relative_error(solver.solve(V), torch.linalg.solve(mlp.dense_hessian(0.01), V.T).T) \
         < 1e-8
@@ -22,7 +21,7 @@ def test_full_rank_is_the_exact_inverse(mlp: Problem) -> None:
 def test_top_eigenpairs_match_the_dense_spectrum(mlp: Problem) -> None:
     A = mlp.dense_hessian(0.01)
     exact, vectors = torch.linalg.eigh(A)
-    solver = ik.solvers.Arnoldi(rank=5, iterations=30, block=3).prepare(_operator(mlp, 0.01))
+    solver = ik.solvers.Arnoldi(rank=5, iterations=30, block=3).prepare(make_operator(mlp, 0.01))
     torch.testing.assert_close(solver.eigenvalues_, exact.flip(0)[:5], rtol=1e-6, atol=1e-9)
     overlap = (solver.eigenvectors_ @ vectors[:, -5:]).abs().max(dim=1).values
     assert bool((overlap > 1 - 1e-6).all())
@@ -33,7 +32,7 @@ def test_the_remainder_acts_on_the_complement_only(mlp: Problem, remainder: str)
     A = mlp.dense_hessian(0.01)
     eigenvalues = torch.linalg.eigvalsh(A)
     solver = ik.solvers.Arnoldi(rank=6, iterations=30, block=3, remainder=remainder,
-                                probes=4000).prepare(_operator(mlp, 0.01))
+                                probes=4000).prepare(make_operator(mlp, 0.01))
     U = solver.eigenvectors_
     V = torch.randn(3, A.shape[0], dtype=torch.float64)
     inside = (V @ U.T) @ U

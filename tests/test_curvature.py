@@ -13,15 +13,7 @@ from influencekit.gradients import GradientComputer
 from influencekit.parameters import TrackedParameters
 from influencekit.spectrum import lanczos_ritz_values
 
-from conftest import Problem, dense_gauss_newton
-
-
-def _operator(problem: Problem, damping: float = 0.0, chunk_size: int = 7,
-              mode: str = "auto") -> HessianOperator:
-    tracked = TrackedParameters(problem.model)
-    return HessianOperator(GradientComputer(tracked, problem.objective),
-                           ExampleSet(problem.train), tracked.flat(), damping, chunk_size,
-                           mode)  # type: ignore[arg-type]
+from conftest import Problem, dense_gauss_newton, make_operator
 
 
 @pytest.mark.parametrize("name", ["logreg", "mlp", "binary_logreg"])
@@ -30,7 +22,7 @@ def test_hvp_equals_dense_hessian_product(name: str, mode: str,
                                           request: pytest.FixtureRequest) -> None:
     problem: Problem = request.getfixturevalue(name)
     H = problem.dense_hessian(damping=0.3)
-    op = _operator(problem, damping=0.3, mode=mode)
+    op = make_operator(problem, damping=0.3, chunk_size=7, mode=mode)
     V = torch.randn(4, H.shape[0], dtype=torch.float64)
     torch.testing.assert_close(op.matvec(V), V @ H, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op.matvec(V[0]), H @ V[0], rtol=1e-10, atol=1e-12)
@@ -39,13 +31,13 @@ def test_hvp_equals_dense_hessian_product(name: str, mode: str,
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
 def test_dense_matrix_equals_torch_func_hessian_for_any_chunk_size(mlp: Problem,
                                                                    chunk_size: int) -> None:
-    op = _operator(mlp, damping=0.01, chunk_size=chunk_size)
+    op = make_operator(mlp, damping=0.01, chunk_size=chunk_size)
     torch.testing.assert_close(op.dense(block=10), mlp.dense_hessian(0.01), rtol=1e-10,
                                atol=1e-12)
 
 
 def test_sampled_products_use_only_the_chosen_examples(mlp: Problem) -> None:
-    op = _operator(mlp, damping=0.2)
+    op = make_operator(mlp, damping=0.2)
     idx = torch.tensor([[0, 3, 3, 9], [5, 6, 7, 8]])
     V = torch.randn(2, 3, op.dim, dtype=torch.float64)
     out = op.sampled_matvec(V, idx)
@@ -105,7 +97,7 @@ def test_gauss_newton_is_positive_semidefinite_where_the_hessian_is_not() -> Non
 
 def test_products_do_not_depend_on_how_many_vectors_go_together(mlp: Problem) -> None:
     V = torch.randn(9, mlp.theta().numel(), dtype=torch.float64)
-    together = _operator(mlp).matvec(V)
+    together = make_operator(mlp).matvec(V)
     tracked = TrackedParameters(mlp.model)
     one_by_one = HessianOperator(GradientComputer(tracked, mlp.objective), ExampleSet(mlp.train),
                                  tracked.flat(), 0.0, 7, max_vectors=2).matvec(V)
@@ -116,6 +108,6 @@ def test_lanczos_estimates_the_largest_eigenvalue_in_few_steps(mlp: Problem) -> 
     """LiSSA's scale uses 20 Lanczos steps: enough for λ_max to a fraction of a percent."""
     H = mlp.dense_hessian()
     exact = float(torch.linalg.eigvalsh(H)[-1])
-    ritz = lanczos_ritz_values(_operator(mlp).matvec, H.shape[0], num_iter=20)
+    ritz = lanczos_ritz_values(make_operator(mlp).matvec, H.shape[0], num_iter=20)
     assert float(ritz[-1]) == pytest.approx(exact, rel=1e-3)
     assert float(ritz[-1]) <= exact * (1 + 1e-10)  # Ritz values never exceed λ_max

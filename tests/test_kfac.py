@@ -8,17 +8,8 @@ from torch import Tensor, nn
 
 import influencekit as ik
 from influencekit.curvature import HessianOperator
-from influencekit.data import ExampleSet
-from influencekit.gradients import GradientComputer
-from influencekit.parameters import TrackedParameters
 
-from conftest import Problem, dense_gauss_newton, make_mlp
-
-
-def _operator(problem: Problem, damping: float = 0.0, chunk_size: int = 16) -> HessianOperator:
-    tracked = TrackedParameters(problem.model)
-    return HessianOperator(GradientComputer(tracked, problem.objective),
-                           ExampleSet(problem.train), tracked.flat(), damping, chunk_size)
+from conftest import Problem, dense_gauss_newton, make_mlp, make_operator
 
 
 def _approximation(solver: ik.solvers.Solver, op: HessianOperator) -> Tensor:
@@ -45,7 +36,7 @@ def test_exact_for_a_linear_layer_with_squared_error(solver: ik.solvers.Solver,
                                                      bias: bool) -> None:
     """The output Hessian of squared error is constant, so G = S ⊗ A exactly."""
     problem = _regression(nn.Linear(4, 3, bias=bias), (4,), 3)
-    op = _operator(problem, damping=0.05)
+    op = make_operator(problem, damping=0.05)
     torch.testing.assert_close(_approximation(solver, op), dense_gauss_newton(problem, 0.05),
                                rtol=1e-9, atol=1e-11)
 
@@ -55,14 +46,14 @@ def test_exact_for_a_convolution_that_sees_the_whole_image(solver: ik.solvers.So
     """A 3×3 kernel on a 3×3 image has one position (T = 1): the Linear case again."""
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten())
     problem = _regression(model, (2, 3, 3), 3)
-    op = _operator(problem, damping=0.05)
+    op = make_operator(problem, damping=0.05)
     torch.testing.assert_close(_approximation(solver, op), dense_gauss_newton(problem, 0.05),
                                rtol=1e-9, atol=1e-11)
 
 
 def _distance(solver: ik.solvers.Solver, problem: Problem) -> float:
     G = dense_gauss_newton(problem, damping=0.01)
-    return float((_approximation(solver, _operator(problem, damping=0.01)) - G).norm())
+    return float((_approximation(solver, make_operator(problem, damping=0.01)) - G).norm())
 
 
 def _cnn_problem() -> Problem:
@@ -90,8 +81,8 @@ def test_ekfac_is_no_farther_from_the_gauss_newton_than_kfac(name: str) -> None:
 
 def test_factors_do_not_depend_on_chunk_size() -> None:
     problem = _cnn_problem()
-    first = _approximation(ik.solvers.EKFAC(), _operator(problem, 0.01, chunk_size=3))
-    second = _approximation(ik.solvers.EKFAC(), _operator(problem, 0.01, chunk_size=100))
+    first = _approximation(ik.solvers.EKFAC(), make_operator(problem, 0.01, chunk_size=3))
+    second = _approximation(ik.solvers.EKFAC(), make_operator(problem, 0.01, chunk_size=100))
     torch.testing.assert_close(first, second, rtol=1e-10, atol=1e-12)
 
 
@@ -101,7 +92,7 @@ def test_other_layers_fall_back_to_the_exact_gauss_newton_diagonal() -> None:
     g = torch.Generator().manual_seed(3)
     X, y = torch.randn(15, 3, generator=g, dtype=torch.float64), torch.randint(2, (15,))
     problem = _problem(model, ik.CrossEntropyObjective(weight_decay=0.02), X, y)
-    solver = ik.solvers.EKFAC().prepare(_operator(problem, damping=0.1))
+    solver = ik.solvers.EKFAC().prepare(make_operator(problem, damping=0.1))
     names = [n for n, _ in model.named_parameters()]
     numels = [p.numel() for _, p in model.named_parameters()]
     start = sum(numels[: names.index("1.weight")])

@@ -10,19 +10,9 @@ import torch
 from torch import nn
 
 import influencekit as ik
-from influencekit.curvature import HessianOperator
-from influencekit.data import ExampleSet
-from influencekit.gradients import GradientComputer
-from influencekit.parameters import TrackedParameters
 from influencekit.solvers import make_solver
 
-from conftest import Problem, make_logreg, pearson, relative_error
-
-
-def _operator(problem: Problem, damping: float = 0.0) -> HessianOperator:
-    tracked = TrackedParameters(problem.model)
-    return HessianOperator(GradientComputer(tracked, problem.objective),
-                           ExampleSet(problem.train), tracked.flat(), damping, 16)
+from conftest import Problem, make_logreg, make_operator, pearson, relative_error
 
 
 @pytest.mark.parametrize("name", ["logreg", "mlp"])
@@ -32,14 +22,14 @@ def test_exact_solvers_match_a_dense_solve(name: str, solver: ik.solvers.Solver,
     problem: Problem = request.getfixturevalue(name)
     A = problem.dense_hessian(damping=0.001)
     V = torch.randn(5, A.shape[0], dtype=torch.float64)
-    X = solver.prepare(_operator(problem, damping=0.001)).solve(V)
+    X = solver.prepare(make_operator(problem, damping=0.001)).solve(V)
     assert relative_error(X, torch.linalg.solve(A, V.T).T) < 1e-9
     report = solver.last_report
     assert report is not None and report.relative_residual < 1e-10 and report.converged
 
 
 def test_direct_reports_the_extreme_eigenvalues(logreg: Problem) -> None:
-    solver = ik.Direct().prepare(_operator(logreg, damping=0.5))
+    solver = ik.Direct().prepare(make_operator(logreg, damping=0.5))
     solver.solve(torch.ones(logreg.theta().numel(), dtype=torch.float64))
     eigenvalues = torch.linalg.eigvalsh(logreg.dense_hessian(0.5))
     assert solver.last_report.min_eigenvalue == pytest.approx(float(eigenvalues[0]), rel=1e-10)
@@ -61,18 +51,18 @@ def _saddle_problem() -> Problem:
 
 def test_direct_refuses_an_indefinite_hessian_and_suggests_damping() -> None:
     with pytest.raises(ik.IndefiniteHessianError, match=r"not positive definite.*damping=\d"):
-        ik.Direct().prepare(_operator(_saddle_problem()))
+        ik.Direct().prepare(make_operator(_saddle_problem()))
 
 
 def test_cg_refuses_negative_curvature() -> None:
-    op = _operator(_saddle_problem())
+    op = make_operator(_saddle_problem())
     V = torch.randn(8, op.dim, dtype=torch.float64)
     with pytest.raises(ik.IndefiniteHessianError, match="Increase damping"):
         ik.CG().prepare(op).solve(V)
 
 
 def test_cg_warns_when_it_stops_before_its_tolerance(mlp: Problem) -> None:
-    solver = ik.CG(tol=1e-12, max_iter=2).prepare(_operator(mlp))
+    solver = ik.CG(tol=1e-12, max_iter=2).prepare(make_operator(mlp))
     with pytest.warns(ik.ConvergenceWarning, match="max_iter=2"):
         solver.solve(torch.randn(3, mlp.theta().numel(), dtype=torch.float64))
     assert not solver.last_report.converged
@@ -81,7 +71,7 @@ def test_cg_warns_when_it_stops_before_its_tolerance(mlp: Problem) -> None:
 
 
 def test_cg_block_solves_right_hand_sides_independently(logreg: Problem) -> None:
-    solver = ik.CG(tol=1e-12).prepare(_operator(logreg))
+    solver = ik.CG(tol=1e-12).prepare(make_operator(logreg))
     V = torch.randn(6, logreg.theta().numel(), dtype=torch.float64)
     V[2] = 0.0
     block = solver.solve(V)
@@ -104,7 +94,7 @@ def test_lissa_with_default_settings_agrees_with_the_dense_solve(
 
 def test_lissa_is_deterministic_given_its_seed(logreg: Problem) -> None:
     V = torch.randn(2, logreg.theta().numel(), dtype=torch.float64)
-    op = _operator(logreg)
+    op = make_operator(logreg)
     first = ik.LiSSA(depth=200, seed=5).prepare(op).solve(V)
     second = ik.LiSSA(depth=200, seed=5).prepare(op).solve(V)
     third = ik.LiSSA(depth=200, seed=6).prepare(op).solve(V)
@@ -114,7 +104,7 @@ def test_lissa_is_deterministic_given_its_seed(logreg: Problem) -> None:
 
 def test_lissa_with_too_small_a_scale_diverges_with_advice() -> None:
     problem = make_logreg(weight_decay=0.05)
-    solver = ik.LiSSA(scale=0.01, depth=500).prepare(_operator(problem))
+    solver = ik.LiSSA(scale=0.01, depth=500).prepare(make_operator(problem))
     with pytest.raises(ik.SolverDivergedError, match=r"increase scale \(now 0.01"):
         solver.solve(torch.randn(2, problem.theta().numel(), dtype=torch.float64))
 
@@ -124,7 +114,7 @@ def test_lissa_paper_damping_adds_scale_times_d(logreg: Problem) -> None:
     V = torch.randn(2, logreg.theta().numel(), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ik.ConvergenceWarning)
-        X = solver.prepare(_operator(logreg)).solve(V)
+        X = solver.prepare(make_operator(logreg)).solve(V)
     expected = torch.linalg.solve(logreg.dense_hessian(damping=10.0 * 0.01), V.T).T
     assert relative_error(X, expected) < 1e-6
     assert solver.last_report.damping == pytest.approx(0.1)
@@ -133,7 +123,7 @@ def test_lissa_paper_damping_adds_scale_times_d(logreg: Problem) -> None:
 def test_lissa_tail_average_and_paper_last_iterate_share_the_fixed_point(logreg: Problem) -> None:
     V = torch.randn(1, logreg.theta().numel(), dtype=torch.float64)
     expected = torch.linalg.solve(logreg.dense_hessian(), V.T).T
-    op = _operator(logreg)
+    op = make_operator(logreg)
     for tail in (0.0, 0.5):  # full batches: the recursion is deterministic
         X = ik.LiSSA(depth=1000, batch_size=1000, tail=tail).prepare(op).solve(V)
         assert relative_error(X, expected) < 1e-6
@@ -169,13 +159,13 @@ def test_solver_must_be_prepared_before_solving() -> None:
 def test_block_and_independent_cg_both_match_the_dense_solve(mlp: Problem, block: bool) -> None:
     A = mlp.dense_hessian(damping=0.01)
     V = torch.randn(7, A.shape[0], dtype=torch.float64)
-    X = ik.CG(tol=1e-12, block=block).prepare(_operator(mlp, damping=0.01)).solve(V)
+    X = ik.CG(tol=1e-12, block=block).prepare(make_operator(mlp, damping=0.01)).solve(V)
     assert relative_error(X, torch.linalg.solve(A, V.T).T) < 1e-9
 
 
 def test_block_cg_shares_its_krylov_space_and_needs_fewer_iterations() -> None:
     problem = make_logreg(n=200, d=12, classes=4, weight_decay=1e-3)
-    op = _operator(problem)
+    op = make_operator(problem)
     V = torch.randn(12, op.dim, dtype=torch.float64)
     block, independent = ik.CG(tol=1e-10, block=True), ik.CG(tol=1e-10, block=False)
     torch.testing.assert_close(block.prepare(op).solve(V), independent.prepare(op).solve(V),
@@ -187,7 +177,7 @@ def test_block_cg_with_dependent_right_hand_sides_does_not_break_down(logreg: Pr
     A = logreg.dense_hessian()
     v = torch.randn(A.shape[0], dtype=torch.float64)
     V = torch.stack([v, 2 * v, -v, torch.randn_like(v)])
-    X = ik.CG(tol=1e-12).prepare(_operator(logreg)).solve(V)
+    X = ik.CG(tol=1e-12).prepare(make_operator(logreg)).solve(V)
     assert relative_error(X, torch.linalg.solve(A, V.T).T) < 1e-9
 
 
@@ -195,14 +185,14 @@ def test_block_cg_with_dependent_right_hand_sides_does_not_break_down(logreg: Pr
 def test_an_exact_preconditioner_converges_in_one_iteration(mlp: Problem, block: bool) -> None:
     V = torch.randn(3, mlp.theta().numel(), dtype=torch.float64)
     solver = ik.CG(tol=1e-10, block=block, preconditioner="direct")
-    X = solver.prepare(_operator(mlp, damping=0.01)).solve(V)
+    X = solver.prepare(make_operator(mlp, damping=0.01)).solve(V)
     assert solver.last_report.iterations == 1
     assert relative_error(X, torch.linalg.solve(mlp.dense_hessian(0.01), V.T).T) < 1e-9
 
 
 def test_stochastic_solvers_cannot_precondition(logreg: Problem) -> None:
     with pytest.raises(TypeError, match="cannot serve as a preconditioner"):
-        ik.CG(preconditioner="lissa").prepare(_operator(logreg))
+        ik.CG(preconditioner="lissa").prepare(make_operator(logreg))
 
 
 @pytest.mark.parametrize("case", ["saddle", "singular"])
@@ -212,15 +202,15 @@ def test_following_directs_damping_advice_clears_the_refusal(case: str, logreg: 
         logreg.model, ik.CrossEntropyObjective(), logreg.X, logreg.y, logreg.X_test,
         logreg.y_test, logreg.names)
     with pytest.raises(ik.IndefiniteHessianError) as refusal:
-        ik.Direct().prepare(_operator(problem))
+        ik.Direct().prepare(make_operator(problem))
     suggestion = float(re.search(r"damping=([0-9.e+-]+) or more", str(refusal.value)).group(1))
-    ik.Direct().prepare(_operator(problem, damping=suggestion))
+    ik.Direct().prepare(make_operator(problem, damping=suggestion))
 
 
 def test_lissa_reports_its_residual_with_its_own_damping_too(logreg: Problem) -> None:
     solver = ik.LiSSA(scale=10.0, depth=3, damping=0.01)
     with pytest.warns(ik.ConvergenceWarning, match="relative residual"):
-        solver.prepare(_operator(logreg)).solve(torch.randn(2, 15, dtype=torch.float64))
+        solver.prepare(make_operator(logreg)).solve(torch.randn(2, 15, dtype=torch.float64))
     assert solver.last_report.relative_residual > 0.05 and not solver.last_report.converged
 
 
@@ -229,7 +219,7 @@ def test_preconditioned_lissa_has_the_same_fixed_point_and_converges_faster(mlp:
     A = mlp.dense_hessian(0.01)
     V = torch.randn(2, A.shape[0], dtype=torch.float64)
     expected = torch.linalg.solve(A, V.T).T
-    op = _operator(mlp, damping=0.01)
+    op = make_operator(mlp, damping=0.01)
     fast = ik.LiSSA(depth=20, batch_size=1000, preconditioner="direct", tail=0.0)
     assert relative_error(fast.prepare(op).solve(V), expected) < 1e-10
     assert fast.scale_ == pytest.approx(1.2, rel=1e-6)  # λ_max(M·A) = 1
@@ -242,7 +232,7 @@ def test_preconditioned_lissa_has_the_same_fixed_point_and_converges_faster(mlp:
 def test_preconditioned_lissa_with_ekfac_agrees_with_the_dense_solve(mlp: Problem) -> None:
     A = mlp.dense_hessian(0.01)
     V = torch.randn(2, A.shape[0], dtype=torch.float64)
-    X = ik.LiSSA(depth=400, preconditioner="ekfac").prepare(_operator(mlp, 0.01)).solve(V)
+    X = ik.LiSSA(depth=400, preconditioner="ekfac").prepare(make_operator(mlp, 0.01)).solve(V)
     expected = torch.linalg.solve(A, V.T).T
     for row, ref in zip(X, expected, strict=True):
         assert pearson(row, ref) > 0.99

@@ -49,3 +49,44 @@ def lanczos_ritz_values(matvec: Callable[[Tensor], Tensor], dim: int, num_iter: 
         off = torch.stack(betas[: len(alphas) - 1])
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
     return torch.linalg.eigvalsh(T.cpu())
+
+
+def krylov_eigenpairs(matvec: Callable[[Tensor], Tensor], start: Tensor,
+                      size: int) -> tuple[Tensor, Tensor]:
+    """Ritz pairs of a symmetric operator from a block Krylov space with full reorthogonalisation.
+
+    The space grows from the rows of ``start`` (b, p) by repeated products, each block
+    orthogonalised (twice) against all earlier ones, up to ``size`` vectors; Rayleigh-Ritz on it,
+    T = Q (A Q)ᵀ = S Θ Sᵀ, gives the Ritz values Θ and vectors Sᵀ Q.
+
+    Args:
+        matvec: maps ``(k, p)`` to ``(k, p)`` (rows are vectors).
+        start: ``(b, p)`` starting block.
+        size: the dimension m of the space (≤ p).
+
+    Returns:
+        Ritz values ``(m,)`` in ascending order (float64) and Ritz vectors ``(m, p)`` (rows, in
+        the dtype of ``start``).
+    """
+    from .solvers.cg import _orthonormal_columns  # the rank-revealing orthonormaliser
+
+    basis = [_orthonormal_columns(start.T).T]
+    images: list[Tensor] = []
+    while True:
+        images.append(matvec(basis[-1]))
+        total = sum(b.shape[0] for b in basis)
+        if total >= size:
+            break
+        Q = torch.cat(basis)
+        W = images[-1]
+        for _ in range(2):  # twice is enough in float32 (Kahan: "twice is enough")
+            W = W - (W @ Q.T) @ Q
+        new = _orthonormal_columns(W.T).T
+        if new.shape[0] == 0:
+            break
+        basis.append(new[: size - total])
+    Q = torch.cat(basis)
+    AQ = torch.cat(images)[: Q.shape[0]]
+    T = Q.double() @ AQ.double().T
+    theta, S = torch.linalg.eigh(0.5 * (T + T.T))
+    return theta, (S.T @ Q.double()).to(start.dtype)

@@ -6,12 +6,14 @@ from ..errors import UnknownSolverError
 from .arnoldi import Arnoldi
 from .base import Solver, SolveReport
 from .cg import CG
+from .deflated import Deflated
 from .direct import Direct
 from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
 SOLVERS: dict[str, type[Solver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "kfac": KFAC,
-                                     "ekfac": EKFAC, "arnoldi": Arnoldi}
+                                     "ekfac": EKFAC, "arnoldi": Arnoldi,
+                                     "deflated": Deflated}
 
 
 def make_solver(spec: str | Solver) -> Solver:

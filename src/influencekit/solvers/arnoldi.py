@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from ..curvature import HessianOperator
+from ..spectrum import krylov_eigenpairs
 from .base import Solver, SolveReport
-from .cg import _orthonormal_columns
 
 Remainder = Literal["trace", "last", "none"]
 
@@ -85,37 +85,14 @@ class Arnoldi(Solver):
         size = min(p, max(rank, self.iterations or 2 * rank))
         block = min(self.block, size)
         generator = torch.Generator().manual_seed(self.seed)
-        start = torch.randn(p, block, generator=generator, dtype=torch.float64)
-        Q, AQ = self._krylov(start.to(operator.device, operator.dtype), size)
-        T = (Q.double() @ AQ.double().T)
-        theta, S = torch.linalg.eigh(0.5 * (T + T.T))
+        start = torch.randn(block, p, generator=generator, dtype=torch.float64)
+        theta, vectors = krylov_eigenpairs(operator.matvec,
+                                           start.to(operator.device, operator.dtype), size)
         top = torch.argsort(theta, descending=True)[:rank]
         self.eigenvalues_ = theta[top].to(operator.dtype)
-        self.eigenvectors_ = (S[:, top].T @ Q.double()).to(operator.dtype)  # (r, p)
+        self.eigenvectors_ = vectors[top]  # (r, p)
         self.sigma_ = self._remainder_value(generator)
         return self
-
-    def _krylov(self, start: Tensor, size: int) -> tuple[Tensor, Tensor]:
-        """Orthonormal Krylov basis Q (m, p) and A·Q (m, p), grown a block at a time."""
-        op = self.operator
-        basis = [_orthonormal_columns(start).T]
-        images: list[Tensor] = []
-        while True:
-            images.append(op.matvec(basis[-1]))
-            if sum(b.shape[0] for b in basis) >= size:
-                break
-            Q = torch.cat(basis)
-            W = images[-1]
-            for _ in range(2):  # full reorthogonalisation, twice for float32
-                W = W - (W @ Q.T) @ Q
-            new = _orthonormal_columns(W.T).T
-            room = size - Q.shape[0]
-            if new.shape[0] == 0 or room <= 0:
-                break
-            basis.append(new[:room])
-        Q = torch.cat(basis)
-        AQ = torch.cat(images)[: Q.shape[0]]
-        return Q, AQ
 
     def _remainder_value(self, generator: torch.Generator) -> float:
         op = self.operator
@@ -130,13 +107,16 @@ class Arnoldi(Solver):
         rest = (trace - float(self.eigenvalues_.sum())) / (p - r)
         return max(rest, op.shift) if op.shift > 0 else max(rest, 1e-12)
 
-    def _apply(self, V: Tensor) -> Tensor:
+    def _apply(self, V: Tensor, power: float = 1.0) -> Tensor:
         U, theta = self.eigenvectors_, self.eigenvalues_
         coefficients = V @ U.T  # (k, r)
-        X = (coefficients / theta) @ U
+        X = (coefficients / theta**power) @ U
         if self.sigma_ != float("inf"):
-            X = X + (V - coefficients @ U) / self.sigma_
+            X = X + (V - coefficients @ U) / self.sigma_**power
         return X
+
+    def apply_inverse_sqrt(self, V: Tensor) -> Tensor:
+        return self._apply(V.to(device=self.operator.device, dtype=self.operator.dtype), 0.5)
 
     def _solve(self, V: Tensor) -> Tensor:
         X = self._apply(V)

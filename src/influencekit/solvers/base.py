@@ -113,6 +113,17 @@ class Solver(ABC):
             )
         return self._apply(V.to(device=self.operator.device, dtype=self.operator.dtype))
 
+    def apply_inverse_sqrt(self, V: Tensor) -> Tensor:
+        """The symmetric square root of the solver's approximate A⁻¹ applied to the rows of V.
+
+        Solvers whose approximation is kept in an eigenbasis provide it (Direct, K-FAC, EK-FAC,
+        Arnoldi); :class:`~influencekit.solvers.Deflated` needs it of its base.
+        """
+        raise TypeError(
+            f"{type(self).__name__} keeps no eigenbasis and has no symmetric square root of its "
+            "inverse; use 'ekfac', 'kfac', 'arnoldi' or 'direct' as the base."
+        )
+
     def _apply(self, V: Tensor) -> Tensor:
         """A⁻¹V for linear solvers (they override it); ``_solve`` adds the report."""
         raise TypeError(f"{type(self).__name__} does not implement _apply.")

@@ -189,18 +189,17 @@ class CG(Solver):
 def _orthonormal_columns(Z: Tensor, relative_floor: float | None = None) -> Tensor:
     """An orthonormal basis of the columns of Z (p, k), dropping numerically dependent ones.
 
-    Gram matrix in float64, its eigendecomposition, and Z·V·Λ^(-1/2) for the eigenvalues above
-    ``relative_floor`` × the largest (default: 1e-12 in float64, 1e-10 in lower precisions).
+    A thin QR in Z's own precision; a column whose |R_jj| falls below ``relative_floor`` × the
+    largest (default 1e-10 in float64, 1e-5 in lower precisions) adds nothing new and is dropped.
     """
+    if Z.shape[1] == 0:
+        return Z
     if relative_floor is None:
-        relative_floor = 1e-12 if Z.dtype == torch.float64 else 1e-10
-    gram = Z.double().T @ Z.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    keep = eigenvalues > relative_floor * eigenvalues[-1].clamp_min(1e-300)
-    basis = Z.double() @ (eigenvectors[:, keep] / eigenvalues[keep].sqrt())
-    if Z.dtype != torch.float64 and basis.shape[1]:
-        basis, _ = torch.linalg.qr(basis)  # re-orthonormalise what the Gram route lost
-    return basis.to(Z.dtype)
+        relative_floor = 1e-10 if Z.dtype == torch.float64 else 1e-5
+    Q, R = torch.linalg.qr(Z)
+    diagonal = R.diagonal().abs()
+    keep = diagonal > relative_floor * diagonal.max().clamp_min(torch.finfo(Z.dtype).tiny)
+    return Q[:, keep]
 
 
 def _check_curvature(PtQ: Tensor, iteration: int, damping: float) -> None:

@@ -52,9 +52,12 @@ class Direct(Solver):
         self._Q, self.eigenvalues_ = Q, mu  # A = Q·diag(μ)·Qᵀ; nothing else p×p is kept
         return self
 
-    def _apply(self, V: Tensor) -> Tensor:
+    def _apply(self, V: Tensor, power: float = 1.0) -> Tensor:
         V64 = V.to(torch.float64)
-        return (((V64 @ self._Q) / self.eigenvalues_) @ self._Q.T).to(V.dtype)
+        return (((V64 @ self._Q) / self.eigenvalues_**power) @ self._Q.T).to(V.dtype)
+
+    def apply_inverse_sqrt(self, V: Tensor) -> Tensor:
+        return self._apply(V.to(device=self.operator.device, dtype=self.operator.dtype), 0.5)
 
     def _solve(self, V: Tensor) -> Tensor:
         V64 = V.to(torch.float64)

@@ -275,7 +275,11 @@ class KFAC(Solver):
 
     # ----------------------------------------------------------------- solving
 
-    def _apply(self, V: Tensor) -> Tensor:
+    def apply_inverse_sqrt(self, V: Tensor) -> Tensor:
+        return self._apply(V.to(device=self.operator.device, dtype=self.operator.dtype), 0.5)
+
+    def _apply(self, V: Tensor, power: float = 1.0) -> Tensor:
+        """(G̃ + δI)^(−power) V in each layer's eigenbasis (power 1: the inverse, ½: its root)."""
         shift = self.operator.shift
         out = torch.empty_like(V)
         k = V.shape[0]
@@ -284,13 +288,14 @@ class KFAC(Solver):
             if block.bias is not None:
                 W = torch.cat([W, V[:, block.bias].reshape(k, block.out_features, 1)], dim=2)
             rotated = block.Q_S.T @ W @ block.Q_A
-            W = block.Q_S @ (rotated / (block.scale + shift)) @ block.Q_A.T
+            W = block.Q_S @ (rotated / (block.scale + shift) ** power) @ block.Q_A.T
             if block.bias is not None:
                 out[:, block.bias] = W[:, :, -1]
                 W = W[:, :, :-1]
             out[:, block.weight] = W.reshape(k, -1)
         if self.fallback_ is not None and self.fallback_.numel():
-            out[:, self.fallback_] = V[:, self.fallback_] / (self.fallback_diagonal_ + shift)
+            out[:, self.fallback_] = (V[:, self.fallback_]
+                                      / (self.fallback_diagonal_ + shift) ** power)
         return out
 
     def _solve(self, V: Tensor) -> Tensor:

@@ -1,0 +1,56 @@
+"""Deflation of a base approximate inverse by Lanczos on M^½ A M^½."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import influencekit as ik
+
+from conftest import Problem, make_operator, relative_error
+
+
+@pytest.mark.parametrize("base", ["ekfac", "kfac", "direct"])
+def test_square_roots_square_to_the_inverse(mlp: Problem, base: str) -> None:
+    solver = ik.solvers.make_solver(base).prepare(make_operator(mlp, damping=0.01))
+    V = torch.randn(3, mlp.theta().numel(), dtype=torch.float64)
+    root = solver.apply_inverse_sqrt
+    torch.testing.assert_close(root(root(V)), solver.apply_inverse(V), rtol=1e-10, atol=1e-12)
+
+
+def test_deflating_every_direction_gives_the_exact_inverse(mlp: Problem) -> None:
+    p = mlp.theta().numel()
+    solver = ik.solvers.Deflated(rank=p, iterations=p, block=5).prepare(make_operator(mlp, 0.01))
+    V = torch.randn(4, p, dtype=torch.float64)
+    expected = torch.linalg.solve(mlp.dense_hessian(0.01), V.T).T
+    assert relative_error(solver.solve(V), expected) < 1e-7
+
+
+def test_partial_deflation_is_symmetric_positive_definite_and_closer(mlp: Problem) -> None:
+    op = make_operator(mlp, damping=0.01)
+    eye = torch.eye(op.dim, dtype=torch.float64)
+    base = ik.solvers.EKFAC().prepare(op).apply_inverse(eye)
+    deflated = ik.solvers.Deflated(rank=8, iterations=20, block=4).prepare(op).apply_inverse(eye)
+    torch.testing.assert_close(deflated, deflated.T, rtol=1e-9, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(deflated)[0]) > 0
+    A = mlp.dense_hessian(0.01)
+    condition = [torch.linalg.cond(M @ A) for M in (base, deflated)]
+    assert condition[1] < condition[0]
+
+
+def test_deflated_preconditioning_cuts_cg_iterations(mlp: Problem) -> None:
+    op = make_operator(mlp, damping=0.01)
+    V = torch.randn(5, op.dim, dtype=torch.float64)
+    runs = {}
+    for name, pre in (("ekfac", "ekfac"),
+                      ("deflated", ik.solvers.Deflated(rank=10, iterations=20, block=5))):
+        solver = ik.CG(tol=1e-10, preconditioner=pre, block=False).prepare(op)
+        X = solver.solve(V)
+        assert relative_error(X, torch.linalg.solve(mlp.dense_hessian(0.01), V.T).T) < 1e-8
+        runs[name] = solver.last_report.iterations
+    assert runs["deflated"] < runs["ekfac"]
+
+
+def test_a_base_without_a_square_root_is_refused(mlp: Problem) -> None:
+    with pytest.raises(TypeError, match="no symmetric square root"):
+        ik.solvers.Deflated(base="cg").prepare(make_operator(mlp))
