@@ -25,7 +25,12 @@ from influencekit.reproduce.networks import (
     train_feature_extractor,
 )
 from influencekit.reproduce.runner import run_experiment
-from influencekit.reproduce.sec52_attack import TopLayerAttack, invisible_after_quantisation
+from influencekit.reproduce.sec52_attack import (
+    TopLayerAttack,
+    correctly_classified,
+    direct_flip_rate,
+    invisible_after_quantisation,
+)
 from influencekit.training import minimize
 
 
@@ -101,6 +106,13 @@ def test_attack_stays_in_the_box_and_raises_the_test_loss() -> None:
     assert invisible_after_quantisation(original, result.perturbed)
     assert result.margin_after < result.margin_before
     assert result.predicted_first > 0 and result.actual_first > 0
+
+
+def test_test_time_flip_rate_grows_with_the_budget() -> None:
+    setup, _ = _tiny_attack_setup()
+    targets = correctly_classified(setup)
+    rates = [direct_flip_rate(setup, targets, budget) for budget in (0.0, 0.03, 0.3, 1.0)]
+    assert rates[0] == 0.0 and rates == sorted(rates) and rates[-1] >= 0.5
 
 
 def test_continued_training_is_deterministic_and_leaves_the_model_alone() -> None:

@@ -214,6 +214,21 @@ def attack_all(setup: TopLayerAttack, targets: Tensor) -> dict[int, list[AttackR
     return results
 
 
+def direct_flip_rate(setup: TopLayerAttack, targets: Tensor, budget: float = BUDGET) -> float:
+    """Fraction of ``targets`` flipped by perturbing the *test* image itself (one signed-gradient
+    step of size ``budget`` against its margin, clipped to [0, 1]): how fragile the whole model
+    is at this budget, for context (Inception at 0.5/255 is far more fragile)."""
+    top = setup.fit_top(setup.clean_features, setup.clean_state)
+    X = setup.split.X_test[targets].clone().requires_grad_(True)
+    sign = 2.0 * setup.split.y_test[targets].to(X.dtype) - 1.0
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad((sign * top(setup.features(X))).sum(), X)
+    with torch.no_grad():
+        moved = (setup.split.X_test[targets] - budget * gradient.sign()).clamp(0.0, 1.0)
+        flipped = sign * top(setup.features(moved)) < 0
+    return float(flipped.double().mean())
+
+
 def invisible_after_quantisation(original: Tensor, perturbed: Tensor) -> bool:
     """Whether rounding to the data's grey levels (k/16) gives back the original pixels."""
     return bool(torch.equal(torch.round(perturbed * GREY_LEVELS) / GREY_LEVELS, original))
@@ -278,6 +293,7 @@ def run(settings: RunSettings) -> Outcome:
         median_margin_reduction_random_1=float(np.median(
             [(r.margin_before - r.margin_random) / r.margin_before for r in single])),
         median_margin_before=float(np.median([r.margin_before for r in single])),
+        test_time_flip_rate=direct_flip_rate(setup, targets),
         first_step_pearson=pearson)
     return Outcome(
         metrics=metrics,
@@ -296,6 +312,11 @@ def run(settings: RunSettings) -> Outcome:
             "(median_margin_reduction_random_1: the same image moved to a random corner of the "
             "same box). first_step_pearson checks ⟨I_pert,loss, δ⟩/n against the refitted "
             "change.",
+            "Context for the low success rates: test_time_flip_rate is the fraction of these "
+            "targets flipped by perturbing the test image itself (one signed-gradient step of "
+            "the same ε). This model is robust at this budget, unlike Inception at 0.5/255, and "
+            "a training-set attack is weaker than a test-time one; the paper's majority with one "
+            "image is not reproduced on 8×8 digits.",
         ],
     )
 
