@@ -111,3 +111,16 @@ def test_lanczos_estimates_the_largest_eigenvalue_in_few_steps(mlp: Problem) -> 
     ritz = lanczos_ritz_values(make_operator(mlp).matvec, H.shape[0], num_iter=20)
     assert float(ritz[-1]) == pytest.approx(exact, rel=1e-3)
     assert float(ritz[-1]) <= exact * (1 + 1e-10)  # Ritz values never exceed λ_max
+
+
+def test_auto_mode_times_both_modes_on_the_first_large_block_and_keeps_the_faster(
+        mlp: Problem) -> None:
+    H = mlp.dense_hessian(damping=0.3)
+    op = make_operator(mlp, damping=0.3, chunk_size=7)
+    assert op._large_block_mode is None
+    V = torch.randn(20, H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), V @ H, rtol=1e-10, atol=1e-12)
+    chosen = op._large_block_mode
+    assert chosen in ("forward-over-reverse", "reverse-over-reverse")
+    assert op._modes(20)[0] == chosen and op._modes(3)[0] == "reverse-over-reverse"
+    torch.testing.assert_close(op.matvec(V[:17]), V[:17] @ H, rtol=1e-10, atol=1e-12)
