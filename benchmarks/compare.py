@@ -1,0 +1,215 @@
+"""influencekit against captum, kronfluence, pyDVL and dattri, side by side, in one run.
+
+Every method scores the same 1,257 training points against the same 100 test points of the shared
+problem (problem.py: MLP 64-256-256-10 on digits, Hessian of the mean cross-entropy + damping
+1e-3), each in its own process (so that its peak memory is its own), and is compared with the
+float64 reference. The table gives time, peak memory (ru_maxrss of the process, imports and data
+included), relative error ‖S − R‖_F/‖R‖_F and Pearson R (over the whole matrix, and the mean over
+test points), with ratios to the fastest peer of the same family and to the floor (one pass of
+per-example gradients). A JSON file records versions, settings and every figure; the checks of
+issue 4 are printed at the end.
+
+Run: ``make bench`` (or ``.bench-venv/bin/python benchmarks/compare.py --out outputs/bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import problem as problem_module  # noqa: E402
+
+FAMILIES: dict[str, list[str]] = {
+    "exact (CG)": ["influencekit-cg-deflated", "influencekit-cg-deflated-independent",
+                   "influencekit-cg-ekfac", "influencekit-cg-deflated-40", "pydvl-cg-block",
+                   "pydvl-cg", "dattri-cg"],
+    "fast and faithful": ["influencekit-cg-deflated-3"],
+    "LiSSA": ["influencekit-lissa-ekfac", "pydvl-lissa", "dattri-lissa"],
+    "low rank": ["influencekit-arnoldi-50", "pydvl-arnoldi", "captum-arnoldi", "dattri-arnoldi"],
+    "Kronecker": ["influencekit-ekfac", "influencekit-kfac", "influencekit-ekfac-deflated-40",
+                  "kronfluence-ekfac", "pydvl-ekfac", "dattri-ekfac"],
+    "context": ["influencekit-cg-gauss-newton", "influencekit-gradient-dot"],
+}
+
+
+def _run(python: str, problem_path: Path, method: str, out: Path, threads: int,
+         timeout: int) -> dict:
+    target = out / "results" / f"{method}.pt"
+    command = [python, str(HERE / "peers" / "run_one.py"), "--problem", str(problem_path),
+               "--method", method, "--out", str(target), "--threads", str(threads)]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                   check=False)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "error": f"timed out after {timeout} s"}
+    if not target.exists():
+        return {"method": method, "error": (completed.stderr or completed.stdout)[-2000:]}
+    result = torch.load(target, weights_only=False)
+    result.pop("scores", None)
+    return result
+
+
+def _floors(python: str, problem_path: Path, threads: int) -> dict[str, float]:
+    """The floors, timed in a process of their own (this script in --floors-worker mode)."""
+    completed = subprocess.run([python, __file__, "--threads", str(threads), "--floors-worker",
+                                str(problem_path)], capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _finite(value: object) -> object:
+    """The payload with NaN/inf replaced by None, so that it is standard JSON."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _gib(value: float | None) -> str:
+    return "" if value is None else f"{value / 2**30:.2f}"
+
+
+def _table(results: dict[str, dict], floor: float) -> list[str]:
+    lines = [f"{'family / method':44s} {'time s':>8s} {'×peer':>6s} {'×floor':>7s} "
+             f"{'mem GiB':>8s} {'rel.err':>9s} {'R(all)':>7s} {'R(rows)':>7s}  note"]
+    for family, methods in FAMILIES.items():
+        lines.append(f"-- {family}")
+        peers = [results[m]["seconds"] for m in methods
+                 if not m.startswith("influencekit") and results.get(m, {}).get("seconds")]
+        fastest_peer = min(peers) if peers else None
+        for method in methods:
+            r = results.get(method, {})
+            if r.get("error") or r.get("seconds") is None:
+                reason = str(r.get("error", "not run")).strip().splitlines()[-1][:60]
+                lines.append(f"   {method:41s} failed: {reason}")
+                continue
+            ratio = f"{r['seconds'] / fastest_peer:6.2f}" if fastest_peer else "      "
+            lines.append(
+                f"   {method:41s} {r['seconds']:8.2f} {ratio} {r['seconds'] / floor:7.1f} "
+                f"{_gib(r.get('peak_rss_bytes')):>8s} {r['relative_error']:9.1e} "
+                f"{r['pearson_flat']:7.4f} {r['pearson_rows_mean']:7.4f}  "
+                f"{r.get('note', '')}")
+    return lines
+
+
+def _checks(results: dict[str, dict]) -> list[str]:
+    def get(method: str, key: str) -> float | None:
+        return results.get(method, {}).get(key)
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a " if ok is None else ("PASS" if ok else "FAIL")
+
+    checks = []
+    pydvl_block = get("pydvl-cg-block", "seconds")
+    ours_exact = results.get("influencekit-cg-deflated", {})
+    ok = None
+    if pydvl_block and ours_exact.get("seconds"):
+        ok = (ours_exact["relative_error"] <= 1e-4 and ours_exact["seconds"] < pydvl_block / 2
+              and ours_exact["peak_rss_bytes"] < 1.5e9)
+    checks.append(f"{verdict(ok)} exact: rel. error ≤ 1e-4 in < ½ pyDVL block CG's time, "
+                  f"peak memory < 1.5 GB")
+    block, independent = (get("influencekit-cg-deflated", "iterations"),
+                          get("influencekit-cg-deflated-independent", "iterations"))
+    errors = (get("influencekit-cg-deflated", "relative_error"),
+              get("influencekit-cg-deflated-independent", "relative_error"))
+    ok = None if not (block and independent and all(errors)) else (
+        block < independent and max(errors) <= 1.5e-4)
+    checks.append(f"{verdict(ok)} block CG iterations ({block}) < independent CG ({independent}) "
+                  f"at the same accuracy (rel. errors {errors[0]:.1e}, {errors[1]:.1e})"
+                  if all(errors) else f"{verdict(ok)} block vs independent CG iterations")
+    kron = get("kronfluence-ekfac", "seconds")
+    fast = results.get("influencekit-cg-deflated-3", {})
+    ok = None if not (kron and fast.get("seconds")) else (
+        fast["pearson_flat"] >= 0.99 and fast["seconds"] <= 3 * kron)
+    checks.append(f"{verdict(ok)} fast and faithful: Pearson ≥ 0.99 in ≤ 3× kronfluence EK-FAC")
+    kronecker = [m for m in FAMILIES["Kronecker"] if not m.startswith("influencekit")]
+    best_peer = max((get(m, "pearson_flat") or -1) for m in kronecker)
+    ours_k = results.get("influencekit-ekfac", {})
+    ok = None if not (kron and ours_k.get("seconds")) else (
+        ours_k["pearson_flat"] >= best_peer and ours_k["seconds"] <= kron)
+    checks.append(f"{verdict(ok)} Kronecker: Pearson ≥ best peer ({best_peer:.3f}) in ≤ "
+                  "kronfluence EK-FAC's time (influencekit-ekfac)")
+    hybrid = results.get("influencekit-ekfac-deflated-40", {})
+    ok = None if not (kron and hybrid.get("seconds")) else (
+        hybrid["pearson_flat"] >= best_peer and hybrid["seconds"] <= kron)
+    checks.append(f"{verdict(ok)} (alternative) EK-FAC deflated by 40 Lanczos Ritz pairs: "
+                  "the same test")
+    low_rank = [m for m in FAMILIES["low rank"] if not m.startswith("influencekit")]
+    best_lr = max((get(m, "pearson_flat") or -1) for m in low_rank)
+    fastest_lr = min((get(m, "seconds") or float("inf")) for m in low_rank)
+    ours_a = results.get("influencekit-arnoldi-50", {})
+    ok = None if not ours_a.get("seconds") else (
+        ours_a["pearson_flat"] > best_lr and ours_a["seconds"] < fastest_lr)
+    checks.append(f"{verdict(ok)} Arnoldi rank 50: Pearson > best peer ({best_lr:.3f}) in less "
+                  "time than the peers' Arnoldi")
+    lissa_peer = get("pydvl-lissa", "seconds")
+    ours_l = results.get("influencekit-lissa-ekfac", {})
+    ok = None if not (lissa_peer and ours_l.get("seconds")) else (
+        ours_l["pearson_flat"] >= 0.99 and ours_l["seconds"] < lissa_peer)
+    checks.append(f"{verdict(ok)} LiSSA: Pearson ≥ 0.99 in less time than pyDVL's LiSSA")
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per method")
+    parser.add_argument("--methods", nargs="*", help="run only these")
+    parser.add_argument("--floors-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floors_worker:
+        import ours
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(ours.floors(problem_module.load(Path(args.floors_worker)))))
+        return
+    out = Path(args.out)
+    problem_path = problem_module.prepare(out)
+    python = sys.executable
+    floors = _floors(python, problem_path, args.threads)
+    floor = floors["per-example gradients, one pass"]
+    wanted = args.methods or [m for methods in FAMILIES.values() for m in methods]
+    results: dict[str, dict] = {}
+    for method in wanted:
+        print(f"running {method} ...", flush=True)
+        results[method] = _run(python, problem_path, method, out, args.threads, args.timeout)
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} "
+             f"({platform.processor() or 'cpu'}), {args.threads} threads, torch "
+             f"{torch.__version__}; each method in its own process.",
+             f"Problem: {problem_module.SETTINGS['model']}; {problem_module.SETTINGS['data']}; "
+             f"damping {problem_module.SETTINGS['damping']}; "
+             f"{problem_module.SETTINGS['num_test']} test points.",
+             "Floors: " + ", ".join(f"{k} {v:.3f} s" for k, v in floors.items()), ""]
+    lines += [*_table(results, floor), "", *_checks(results)]
+    print("\n".join(lines))
+    versions = {r["library"]: r.get("version") for r in results.values() if r.get("library")}
+    from influencekit.io import atomic_write_json
+
+    payload = {"benchmark": "compare", "date": time.strftime("%Y-%m-%d"),
+               "machine": {"machine": platform.machine(), "processor": platform.processor(),
+                           "threads": args.threads},
+               "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                            **versions},
+               "problem": problem_module.SETTINGS,
+               "training": problem_module.training_info(problem_path),
+               "floors_seconds": floors, "results": results, "table": lines}
+    path = atomic_write_json(out / "compare.json", _finite(json.loads(json.dumps(
+        payload, default=str))))
+    print(f"\nSaved {path}")
+
+
+if __name__ == "__main__":
+    main()
