@@ -73,9 +73,10 @@ def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return X_train, y_train, X_test, y_test
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
+def atomic_save(payload: dict, path: Path) -> None:
+    """torch.save into a temporary file beside ``path``, then an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(handle)
     try:
         torch.save(payload, temporary)
@@ -134,7 +135,7 @@ def prepare(folder: Path) -> Path:
         return path
     model64, training = _train()
     reference = _reference(model64, SETTINGS["damping"], SETTINGS["num_test"])
-    _atomic_save({"state": {k: v.float() for k, v in model64.state_dict().items()},
+    atomic_save({"state": {k: v.float() for k, v in model64.state_dict().items()},
                   "state64": model64.state_dict(), "reference": reference,
                   "training": training, "settings": SETTINGS}, path)
     return path

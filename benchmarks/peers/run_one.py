@@ -21,10 +21,8 @@ import argparse
 import contextlib
 import importlib
 import logging
-import os
 import resource
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -34,6 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: problem.py and the peers package
 
 import torch  # noqa: E402
+
+from problem import atomic_save  # noqa: E402
 
 MODULES = {"pydvl": "peers.pydvl_methods", "dattri": "peers.dattri_methods",
            "kronfluence": "peers.kronfluence_methods", "captum": "peers.captum_methods",
@@ -82,18 +82,6 @@ class _Collector(logging.Handler):
 def _max_rss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) if sys.platform == "darwin" else int(rss) * 1024  # Linux: KiB
-
-
-def _atomic_save(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def run(problem_path: Path, method: str, threads: int) -> dict:
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
     result = run(args.problem, args.method, args.threads)
-    _atomic_save(result, args.out)
+    atomic_save(result, args.out)
     if result["error"] is None:
         print(f"{args.method}: {result['seconds']:.2f} s, peak RSS "
               f"{result['peak_rss_bytes'] / 2**20:.0f} MiB, rel. error "
