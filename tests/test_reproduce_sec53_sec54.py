@@ -182,12 +182,8 @@ def test_sec53_runs_on_a_csv_given_with_data(tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     table = generate_readmission_table(6000, seed=3, child_share=0.02)
     path = write_diabetic_csv(table, tmp_path / "diabetic_data.csv")
-    code = main(["reproduce", "sec53-domain-mismatch", "--quick", "--out", str(tmp_path / "out"),
-                 "--data", str(path)])
-    assert code == 0
-    assert "UCI diabetic_data.csv from" in capsys.readouterr().out
-    results = json.loads((tmp_path / "out" / "sec53-domain-mismatch" / "results.json").read_text())
-    assert set(reproduce.get("sec53-domain-mismatch").keys) <= set(results)
+    results = _reproduce_from_file("sec53-domain-mismatch", path, "UCI diabetic_data.csv from",
+                                   tmp_path, capsys)
     per_class = int(0.9 * encode(table).y.sum())  # a small file: 90% of the rarer label
     kept = results["n_train"] - (2 * per_class - results["children_in_balanced_train"])
     assert kept == 4  # all children but 3 readmitted and 1 other were removed
@@ -313,10 +309,19 @@ def test_enron_loader_explains_bad_folders(tmp_path: Path) -> None:
 def test_sec54_runs_on_an_enron_folder_given_with_data(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     folder = _write_enron(tmp_path / "enron1", 40, 20)
-    code = main(["reproduce", "sec54-mislabel", "--quick", "--out", str(tmp_path / "out"),
-                 "--data", str(folder)])
-    assert code == 0
-    assert "Enron-spam e-mails from" in capsys.readouterr().out
-    results = json.loads((tmp_path / "out" / "sec54-mislabel" / "results.json").read_text())
-    assert set(reproduce.get("sec54-mislabel").keys) <= set(results)
+    results = _reproduce_from_file("sec54-mislabel", folder, "Enron-spam e-mails from", tmp_path,
+                                   capsys)
     assert results["n_train"] == 48 and results["n_flips"] == 5
+
+
+def _reproduce_from_file(name: str, data: Path, announced: str, tmp_path: Path,
+                         capsys: pytest.CaptureFixture) -> dict:
+    """Run ``reproduce NAME --quick --data DATA`` by the CLI; check it says which data it read and
+    writes every key; return its results."""
+    code = main(["reproduce", name, "--quick", "--out", str(tmp_path / "out"), "--data",
+                 str(data)])
+    assert code == 0
+    assert announced in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / name / "results.json").read_text())
+    assert set(reproduce.get(name).keys) <= set(results)
+    return results
