@@ -124,3 +124,46 @@ def test_auto_mode_times_both_modes_on_the_first_large_block_and_keeps_the_faste
     assert chosen in ("forward-over-reverse", "reverse-over-reverse")
     assert op._modes(20)[0] == chosen and op._modes(3)[0] == "reverse-over-reverse"
     torch.testing.assert_close(op.matvec(V[:17]), V[:17] @ H, rtol=1e-10, atol=1e-12)
+
+
+def test_curvature_weights_match_the_cross_entropy_closed_form(mlp: Problem) -> None:
+    """w_i = ‖p_i − e_{y_i}‖ + ‖diag(p_i) − p_i p_iᵀ‖_F for softmax cross-entropy."""
+    weights = make_operator(mlp).curvature_weights()
+    with torch.no_grad():
+        p = torch.softmax(mlp.model(mlp.X), dim=1)
+    onehot = nn.functional.one_hot(mlp.y, p.shape[1]).to(p.dtype)
+    output_hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    expected = (p - onehot).norm(dim=1) + output_hessian.flatten(1).norm(dim=1)
+    torch.testing.assert_close(weights, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_curvature_weights_of_wide_outputs_come_from_probes() -> None:
+    """300 outputs (> 256): ‖∇²_f ℓ‖_F is estimated by Rademacher probes, exact when ∇²_f ℓ ∝ I
+    (mean squared error: ∇²_f ℓ = (2/K)·I, ‖·‖_F = 2/√K)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 300).double()
+    X, Y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 300, dtype=torch.float64)
+    tracked = TrackedParameters(model)
+    op = HessianOperator(GradientComputer(tracked, ik.MSEObjective()), ExampleSet((X, Y)),
+                         tracked.flat())
+    with torch.no_grad():
+        residual_norm = (model(X) - Y).norm(dim=1)
+    expected = 2 / 300 * residual_norm + 2 / 300**0.5
+    torch.testing.assert_close(op.curvature_weights(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_restricted_operator_sums_only_its_examples_over_the_full_n(mlp: Problem) -> None:
+    """A_S = (1/n) Σ_{i∈S} H_i + shift·I: against an operator built on S alone, whose mean
+    divides by |S| instead, and A_S + A_{S^c} − shift·I = A."""
+    op = make_operator(mlp, damping=0.01)
+    n, shift = op.num_train, op.shift
+    chosen = torch.tensor([0, 3, 4, 10, 17, 30])
+    rest = torch.tensor([i for i in range(n) if i not in set(chosen.tolist())])
+    V = torch.randn(3, op.dim, dtype=torch.float64)
+    on_subset = HessianOperator(op.gradients, ExampleSet((mlp.X[chosen], mlp.y[chosen])),
+                                op.theta, 0.01, chunk_size=4)
+    expected = (on_subset.matvec(V) - shift * V) * (len(chosen) / n) + shift * V
+    restricted = op.restricted(chosen)
+    torch.testing.assert_close(restricted.matvec(V), expected, rtol=1e-10, atol=1e-12)
+    total = restricted.matvec(V) + op.restricted(rest).matvec(V) - shift * V
+    torch.testing.assert_close(total, op.matvec(V), rtol=1e-10, atol=1e-12)

@@ -54,3 +54,28 @@ def test_deflated_preconditioning_cuts_cg_iterations(mlp: Problem) -> None:
 def test_a_base_without_a_square_root_is_refused(mlp: Problem) -> None:
     with pytest.raises(TypeError, match="no symmetric square root"):
         ik.solvers.Deflated(base="cg").prepare(make_operator(mlp))
+
+
+def test_a_lanczos_run_on_the_heaviest_examples_still_preconditions_exactly(
+        mlp: Problem) -> None:
+    """subset=m builds the deflation from A_S (the m examples with the largest curvature
+    weights): still symmetric positive definite, so CG converges to the dense solution; with
+    m = n it is the full run."""
+    op = make_operator(mlp, damping=0.01)
+    eye = torch.eye(op.dim, dtype=torch.float64)
+    sampled = ik.solvers.Deflated(rank=8, iterations=20, block=4, subset=10).prepare(op)
+    M = sampled.apply_inverse(eye)
+    torch.testing.assert_close(M, M.T, rtol=1e-9, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(M)[0]) > 0
+    V = torch.randn(4, op.dim, dtype=torch.float64)
+    X = ik.CG(tol=1e-10, preconditioner=sampled).prepare(op).solve(V)
+    assert relative_error(X, torch.linalg.solve(mlp.dense_hessian(0.01), V.T).T) < 1e-8
+    every = ik.solvers.Deflated(rank=8, iterations=20, block=4, subset=op.num_train)
+    full = ik.solvers.Deflated(rank=8, iterations=20, block=4)
+    torch.testing.assert_close(every.prepare(op).apply_inverse(eye),
+                               full.prepare(op).apply_inverse(eye), rtol=1e-9, atol=1e-12)
+
+
+def test_subset_must_be_a_positive_count(mlp: Problem) -> None:
+    with pytest.raises(ValueError, match="subset must be a positive number"):
+        ik.solvers.Deflated(subset=0)

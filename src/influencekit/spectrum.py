@@ -65,28 +65,29 @@ def krylov_eigenpairs(matvec: Callable[[Tensor], Tensor], start: Tensor,
         size: the dimension m of the space (≤ p).
 
     Returns:
-        Ritz values ``(m,)`` in ascending order (float64) and Ritz vectors ``(m, p)`` (rows, in
-        the dtype of ``start``).
+        Ritz values ``(m,)`` in ascending order (float64, from T formed in the dtype of
+        ``start``) and Ritz vectors ``(m, p)`` (rows, in the dtype of ``start``).
     """
     from .solvers.cg import _orthonormal_columns  # the rank-revealing orthonormaliser
 
-    basis = [_orthonormal_columns(start.T).T]
-    images: list[Tensor] = []
-    while True:
-        images.append(matvec(basis[-1]))
-        total = sum(b.shape[0] for b in basis)
-        if total >= size:
+    p = start.shape[1]
+    Q = torch.empty(size, p, dtype=start.dtype, device=start.device)  # basis rows, filled in order
+    AQ = torch.empty_like(Q)
+    block = _orthonormal_columns(start.T).T[:size]
+    total = 0
+    while block.shape[0]:
+        Q[total : total + block.shape[0]] = block
+        AQ[total : total + block.shape[0]] = matvec(block)
+        new_total = total + block.shape[0]
+        if new_total >= size:
+            total = new_total
             break
-        Q = torch.cat(basis)
-        W = images[-1]
+        W, basis = AQ[total:new_total], Q[:new_total]
+        total = new_total
         for _ in range(2):  # twice is enough in float32 (Kahan: "twice is enough")
-            W = W - (W @ Q.T) @ Q
-        new = _orthonormal_columns(W.T).T
-        if new.shape[0] == 0:
-            break
-        basis.append(new[: size - total])
-    Q = torch.cat(basis)
-    AQ = torch.cat(images)[: Q.shape[0]]
-    T = Q.double() @ AQ.double().T
+            W = W - (W @ basis.T) @ basis
+        block = _orthonormal_columns(W.T).T[: size - total]
+    Q, AQ = Q[:total], AQ[:total]
+    T = (Q @ AQ.T).double()  # in the operator's precision, which bounds the Ritz pairs anyway
     theta, S = torch.linalg.eigh(0.5 * (T + T.T))
-    return theta, (S.T @ Q.double()).to(start.dtype)
+    return theta, S.T.to(Q.dtype) @ Q

@@ -14,7 +14,12 @@ less helpful, never wrong. On the benchmark MLP, B's spectrum runs from 0.026 to
 EK-FAC; deflating 20 pairs at each end leaves [0.27, 4.9].
 
 The cost is ``iterations`` products with A in blocks of ``block`` vectors — cheap next to a CG
-iteration over many right-hand sides — plus the base's.
+iteration over many right-hand sides — plus the base's. With ``subset=m`` the Lanczos run uses
+A_S, the damped curvature summed over the m training examples that contribute the most
+(``HessianOperator.curvature_weights``), each product costing m/n of A's: on a trained classifier
+most examples are fitted confidently and add almost nothing to the Hessian (on the benchmark MLP
+the 300 of 1,257 with the largest weights carry 92% of the total), so the Ritz pairs barely
+change while the run gets four times cheaper, or twice as long for half the price.
 """
 
 from __future__ import annotations
@@ -37,14 +42,21 @@ class Deflated(Solver):
         block: vectors per product in the Lanczos run.
         seed: seeds the start block.
         verify: report the true relative residual (one more batched product); else NaN.
+        subset: if set, run Lanczos on the damped curvature of only the ``subset`` training
+            examples with the largest curvature weights (module docstring); ``None``: all.
     """
 
     name = "deflated"
     linear = True
 
     def __init__(self, base: str | Solver = "ekfac", rank: int = 40, iterations: int = 100,
-                 block: int = 10, seed: int = 0, verify: bool = False) -> None:
+                 block: int = 10, seed: int = 0, verify: bool = False,
+                 subset: int | None = None) -> None:
         super().__init__()
+        if subset is not None and not (isinstance(subset, int) and subset >= 1):
+            raise ValueError(f"subset must be a positive number of training examples or None, "
+                             f"got {subset!r}.")
+        self.subset = subset
         if not (isinstance(rank, int) and 1 <= rank <= iterations):
             raise ValueError(f"rank must be an integer in [1, iterations={iterations}], got "
                              f"{rank!r}.")
@@ -62,9 +74,13 @@ class Deflated(Solver):
 
         self._base = make_solver(self.base).prepare(operator)
         root = self._base.apply_inverse_sqrt
+        krylov_operator = operator
+        if self.subset is not None and self.subset < operator.num_train:
+            heaviest = torch.argsort(operator.curvature_weights(), descending=True)
+            krylov_operator = operator.restricted(heaviest[: self.subset])
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(min(self.block, self.iterations), operator.dim, generator=generator)
-        theta, vectors = krylov_eigenpairs(lambda V: root(operator.matvec(root(V))),
+        theta, vectors = krylov_eigenpairs(lambda V: root(krylov_operator.matvec(root(V))),
                                            start.to(operator.device, operator.dtype),
                                            min(self.iterations, operator.dim))
         positive = theta > 0
