@@ -18,6 +18,7 @@ import influencekit as ik
 from problem import Problem
 
 VERSION = ik.__version__
+SUBSET = 300  # Lanczos runs of the deflated preconditioners use the 300 heaviest examples
 REPORTS: list[ik.solvers.SolveReport] = []  # the solve report of each call, for the record
 
 
@@ -69,8 +70,8 @@ def gradient_dot(problem: Problem) -> Tensor:
     return -(G_test @ inf.train_gradients().T).double() / problem.damping
 
 
-def _deflated(rank: int, iterations: int) -> ik.solvers.Deflated:
-    return ik.solvers.Deflated(base="ekfac", rank=rank, iterations=iterations)
+def _deflated(rank: int, iterations: int, subset: int | None = SUBSET) -> ik.solvers.Deflated:
+    return ik.solvers.Deflated(base="ekfac", rank=rank, iterations=iterations, subset=subset)
 
 
 def _cg(**settings: object) -> Callable[[Problem], Tensor]:
@@ -78,12 +79,15 @@ def _cg(**settings: object) -> Callable[[Problem], Tensor]:
 
 
 METHODS: dict[str, Callable[[Problem], Tensor]] = {
-    "influencekit-cg-deflated": _cg(preconditioner=_deflated(80, 160), tol=2e-3),
+    "influencekit-cg-deflated": _cg(preconditioner=_deflated(80, 160), tol=3e-4),
+    # the same solve searching every residual direction, for the saving of truncate=0.3
+    "influencekit-cg-deflated-full-width": _cg(preconditioner=_deflated(80, 160), tol=3e-4,
+                                               truncate=0.0),
     # independent recurrences stop per column, so they need a tighter tol for the same accuracy
     "influencekit-cg-deflated-independent": _cg(preconditioner=_deflated(80, 160), tol=1e-4,
                                                 block=False),
-    "influencekit-cg-ekfac": _cg(preconditioner="ekfac", tol=2e-3),
-    "influencekit-cg-deflated-40": _cg(preconditioner=_deflated(40, 100), tol=2e-3),
+    "influencekit-cg-ekfac": _cg(preconditioner="ekfac", tol=2e-4),
+    "influencekit-cg-deflated-40": _cg(preconditioner=_deflated(40, 100), tol=3e-4),
     "influencekit-cg-deflated-3": _cg(preconditioner=_deflated(40, 100), max_iter=3, tol=1e-12),
     "influencekit-lissa-ekfac": lambda p: _scores(p, ik.LiSSA(
         depth=30, batch_size=p.X_train.shape[0], tail=0.0, preconditioner="ekfac")),
@@ -96,28 +100,35 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
     "influencekit-gradient-dot": gradient_dot,
 }
 
+_DEFLATED = ("EK-FAC deflated at {rank} Ritz pairs of {iterations} Lanczos vectors, the "
+             "Lanczos run on the 300 training examples with the largest curvature weights")
 SETTINGS: dict[str, dict] = {
-    "influencekit-cg-deflated": {"solver": "block CG on the Hessian, preconditioned by EK-FAC "
-                                           "deflated at 80 Ritz pairs (160 Lanczos vectors), "
-                                           "recurrence residual tol 2e-3"},
+    "influencekit-cg-deflated": {"solver": "block CG on the Hessian (truncate 0.3), "
+                                           "preconditioned by " + _DEFLATED.format(
+                                               rank=80, iterations=160) + "; tol 3e-4"},
+    "influencekit-cg-deflated-full-width": {"solver": "as influencekit-cg-deflated with "
+                                                      "truncate=0 (every residual direction "
+                                                      "searched)"},
     "influencekit-cg-deflated-independent": {"solver": "as influencekit-cg-deflated, "
                                                        "block=False, tol 1e-4 (the same "
                                                        "accuracy needs a tighter per-column "
                                                        "tolerance)"},
-    "influencekit-cg-deflated-40": {"solver": "block CG on the Hessian, deflated EK-FAC (40 of "
-                                              "100) preconditioner, tol 2e-3"},
+    "influencekit-cg-deflated-40": {"solver": "block CG on the Hessian, preconditioned by "
+                                              + _DEFLATED.format(rank=40, iterations=100)
+                                              + "; tol 3e-4"},
     "influencekit-cg-ekfac": {"solver": "block CG on the Hessian, EK-FAC preconditioner, "
-                                        "tol 2e-3"},
-    "influencekit-cg-deflated-3": {"solver": "block CG on the Hessian, deflated EK-FAC (40 of "
-                                             "100) preconditioner, 3 iterations"},
+                                        "tol 2e-4"},
+    "influencekit-cg-deflated-3": {"solver": "block CG on the Hessian, preconditioned by "
+                                             + _DEFLATED.format(rank=40, iterations=100)
+                                             + "; 3 iterations"},
     "influencekit-lissa-ekfac": {"solver": "LiSSA(depth=30, batch_size=n (every point each "
                                            "step), tail=0, preconditioner='ekfac')"},
     "influencekit-arnoldi-50": {"solver": "Arnoldi(rank=50, iterations=100, "
                                           "remainder='last')"},
     "influencekit-ekfac": {"solver": "EKFAC(), exact-expectation factors, damping 1e-3"},
     "influencekit-kfac": {"solver": "KFAC(), exact-expectation factors, damping 1e-3"},
-    "influencekit-ekfac-deflated-40": {"solver": "Deflated(base='ekfac', rank=40, "
-                                                 "iterations=100), no CG"},
+    "influencekit-ekfac-deflated-40": {"solver": _DEFLATED.format(rank=40, iterations=100)
+                                       + "; no CG"},
     "influencekit-cg-gauss-newton": {"solver": "block CG on the Gauss-Newton matrix, EK-FAC "
                                                "preconditioner, tol 1e-4"},
     "influencekit-gradient-dot": {"what": "−g_testᵀ g_train / damping, no curvature"},
@@ -129,8 +140,9 @@ def details() -> dict:
     if not REPORTS:
         return {}
     report = REPORTS[-1]
+    products = report.details.get("products")
     return {"iterations": report.iterations, "solver_residual": report.relative_residual,
-            "note": str(report)}
+            "products": None if products is None else int(products), "note": str(report)}
 
 
 __all__ = ["METHODS", "SETTINGS", "VERSION", "details", "floors"]
