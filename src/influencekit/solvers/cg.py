@@ -233,7 +233,7 @@ def _orthonormal_columns(Z: Tensor, relative_floor: float | None = None) -> Tens
     Q, R = torch.linalg.qr(Z)
     diagonal = R.diagonal().abs()
     keep = diagonal > relative_floor * diagonal.max().clamp_min(torch.finfo(Z.dtype).tiny)
-    return Q[:, keep]
+    return Q if bool(keep.all()) else Q[:, keep]  # a column gather copies the whole block
 
 
 def _check_curvature(PtQ: Tensor, iteration: int, damping: float) -> None:
