@@ -37,7 +37,8 @@ FAMILIES: dict[str, list[str]] = {
     "LiSSA": ["influencekit-lissa-ekfac", "pydvl-lissa", "dattri-lissa"],
     "low rank": ["influencekit-arnoldi-50", "pydvl-arnoldi", "captum-arnoldi", "dattri-arnoldi"],
     "Kronecker": ["influencekit-ekfac", "influencekit-kfac", "influencekit-ekfac-deflated-40",
-                  "kronfluence-ekfac", "pydvl-ekfac", "dattri-ekfac"],
+                  "kronfluence-ekfac", "kronfluence-ekfac-empirical", "pydvl-ekfac",
+                  "dattri-ekfac"],
     "context": ["influencekit-cg-gauss-newton", "influencekit-gradient-dot"],
 }
 

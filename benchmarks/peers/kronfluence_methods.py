@@ -88,6 +88,9 @@ def _scores(problem, strategy: str, use_empirical_fisher: bool = False) -> Tenso
 METHODS: dict[str, Callable] = {
     "kronfluence-ekfac": functools.partial(_scores, strategy="ekfac"),
     "kronfluence-kfac": functools.partial(_scores, strategy="kfac"),
+    # its other documented curvature: the empirical Fisher, from the true labels
+    "kronfluence-ekfac-empirical": functools.partial(_scores, strategy="ekfac",
+                                                     use_empirical_fisher=True),
 }
 
 _COMMON = {
@@ -114,4 +117,7 @@ _COMMON = {
 SETTINGS: dict[str, dict] = {
     "kronfluence-ekfac": {**_COMMON, "strategy": "ekfac"},
     "kronfluence-kfac": {**_COMMON, "strategy": "kfac"},
+    "kronfluence-ekfac-empirical": {**_COMMON, "strategy": "ekfac", "use_empirical_fisher": True,
+                                    "curvature": "empirical Fisher: gradients at the true "
+                                                 "labels, per-example mean scale"},
 }

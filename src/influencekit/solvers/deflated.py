@@ -18,8 +18,9 @@ iteration over many right-hand sides — plus the base's. With ``subset=m`` the 
 A_S, the damped curvature summed over the m training examples that contribute the most
 (``HessianOperator.curvature_weights``), each product costing m/n of A's: on a trained classifier
 most examples are fitted confidently and add almost nothing to the Hessian (on the benchmark MLP
-the 300 of 1,257 with the largest weights carry 92% of the total), so the Ritz pairs barely
-change while the run gets four times cheaper, or twice as long for half the price.
+the 300 of 1,257 with the largest weights carry 91% of the total weight). There the run gets
+four times cheaper and preconditions as well: block CG needs 595 Hessian-vector products after
+a Lanczos run on 300 examples, 591 after one on all 1,257.
 """
 
 from __future__ import annotations
