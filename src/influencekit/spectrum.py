@@ -76,14 +76,12 @@ def krylov_eigenpairs(matvec: Callable[[Tensor], Tensor], start: Tensor,
     block = _orthonormal_columns(start.T).T[:size]
     total = 0
     while block.shape[0]:
-        Q[total : total + block.shape[0]] = block
-        AQ[total : total + block.shape[0]] = matvec(block)
-        new_total = total + block.shape[0]
-        if new_total >= size:
-            total = new_total
+        first, total = total, total + block.shape[0]
+        Q[first:total] = block
+        AQ[first:total] = matvec(block)
+        if total >= size:
             break
-        W, basis = AQ[total:new_total], Q[:new_total]
-        total = new_total
+        W, basis = AQ[first:total], Q[:total]
         for _ in range(2):  # twice is enough in float32 (Kahan: "twice is enough")
             W = W - (W @ basis.T) @ basis
         block = _orthonormal_columns(W.T).T[: size - total]
