@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -114,3 +116,63 @@ def test_kfac_influence_runs_end_to_end_and_correlates(mlp: Problem) -> None:
         assert approx.shape == exact.shape
         assert float(torch.corrcoef(torch.stack([approx.flatten(), exact.flatten()]))[0, 1]) > 0.5
         assert inf.last_solve_report.solver == name
+
+
+def _layer_indices(block) -> Tensor:
+    """θ indices of a Linear block in the (out, in [+ bias]) row-major layout of S ⊗ A."""
+    weight = torch.arange(block.weight.start, block.weight.stop).reshape(block.out_features, -1)
+    if block.bias is not None:
+        bias = torch.arange(block.bias.start, block.bias.stop).reshape(-1, 1)
+        weight = torch.cat([weight, bias], dim=1)
+    return weight.reshape(-1)
+
+
+def _kronecker_distances(problem: Problem, refine: int) -> list[float]:
+    """Per layer ‖G_l − S ⊗ A‖_F against the dense data part of the Gauss-Newton matrix."""
+    G = dense_gauss_newton(problem) - problem.objective.weight_decay * torch.eye(
+        problem.theta().numel(), dtype=torch.float64)
+    solver = ik.solvers.KFAC(refine=refine).prepare(make_operator(problem))
+    distances = []
+    for block in solver.blocks_:
+        index = _layer_indices(block)
+        distances.append(float((G[index][:, index] - torch.kron(block.S, block.A)).norm()))
+    return distances
+
+
+def test_refinement_steps_approach_the_nearest_kronecker_product() -> None:
+    """Each least-squares step lowers ‖G_l − S ⊗ A‖_F; many reach the Van Loan–Pitsianis optimum,
+    ‖G_l‖² − σ₁² with σ₁ the top singular value of the rearranged block R[(o,o'),(i,i')]."""
+    problem = make_mlp()
+    runs = [_kronecker_distances(problem, refine) for refine in range(4)]
+    for before, after in itertools.pairwise(runs):
+        assert all(b2 <= b1 * (1 + 1e-10) for b1, b2 in zip(before, after, strict=True))
+    assert all(r1 < r0 for r0, r1 in zip(runs[0], runs[1], strict=True))
+
+    G = dense_gauss_newton(problem) - problem.objective.weight_decay * torch.eye(
+        problem.theta().numel(), dtype=torch.float64)
+    converged = _kronecker_distances(problem, 60)
+    solver = ik.solvers.KFAC(refine=0).prepare(make_operator(problem))
+    for block, distance in zip(solver.blocks_, converged, strict=True):
+        index = _layer_indices(block)
+        out, inputs = block.out_features, block.in_features
+        G_l = G[index][:, index].reshape(out, inputs, out, inputs)
+        rearranged = G_l.permute(0, 2, 1, 3).reshape(out * out, inputs * inputs)
+        sigma = torch.linalg.svdvals(rearranged)[0]
+        optimum = float((G_l.norm() ** 2 - sigma ** 2).clamp_min(0).sqrt())
+        assert distance == pytest.approx(optimum, rel=1e-6, abs=1e-12)
+
+
+def test_ekfac_with_refined_factors_is_no_farther_than_classic_kfac() -> None:
+    """Refined basis + exact diagonal ≤ refined Kronecker product ≤ K-FAC's (Frobenius)."""
+    problem = _cnn_problem()
+    classic = _distance(ik.solvers.KFAC(refine=0), problem)
+    refined = _distance(ik.solvers.KFAC(refine=1), problem)
+    corrected = _distance(ik.solvers.EKFAC(refine=1), problem)
+    assert corrected <= refined * (1 + 1e-10)
+    assert corrected < classic
+
+
+@pytest.mark.parametrize("refine", [-1, 1.5, True, "1"])
+def test_refine_must_be_a_non_negative_integer(refine: object) -> None:
+    with pytest.raises(ValueError, match="refine must be a non-negative integer"):
+        ik.solvers.EKFAC(refine=refine)  # type: ignore[arg-type]

@@ -17,6 +17,22 @@ A = Q_A Λ_A Q_Aᵀ, the damped inverse is applied exactly in that eigenbasis:
 
     (G_W + δ I)⁻¹ v = Q_S [(Q_Sᵀ V Q_A) / (λ_S λ_Aᵀ + δ)] Q_Aᵀ,    δ = λ + λ_d.
 
+With ``refine=m`` the factors then take m alternating least-squares steps toward the
+Kronecker product nearest to the layer's Gauss-Newton block in Frobenius norm (Van Loan &
+Pitsianis 1993; Koroko et al. 2022 use it for the Fisher). Writing the block as the sum of
+per-example Kronecker products (1/n) Σ_{i,t} a_it a_itᵀ ⊗ S_it, S_it = Σ_c s_itc s_itcᵀ (for a
+convolution, KFC's spatially uncorrelated model), the steps alternate
+
+    A ← (1/n) Σ_{i,t} a_it a_itᵀ · tr(S_it Ŝ),       S ← Ŝ = S/‖S‖_F     (odd steps)
+    S ← (1/n) Σ_{i,t} S_it · a_itᵀ Â a_it,            A ← Â = A/‖A‖_F     (even steps)
+
+and each is the exact least-squares fit of one factor given the other, so ‖G_W − A ⊗ S‖_F never
+grows from K-FAC's. The expectation factors treat a and s as independent; an example whose
+outputs carry much curvature (an uncertain prediction) weighs its activations more here. Each
+step costs one more pass over the training data. One step is the default: on the benchmark of
+``benchmarks/`` it raises EK-FAC's agreement with the exact influence from Pearson 0.719 to 0.768,
+and it helped on 14 of 16 small models and dampings tried (README, "Kronecker factors").
+
 EK-FAC (George et al. 2018) keeps the eigenbasis but replaces λ_S λ_Aᵀ by the exact second moments
 of the projected per-example gradients, Λ*_{jk} = (1/n) Σ_{i,c} [(Q_Sᵀ G_ic Q_A)_{jk}]², the
 Frobenius-closest diagonal in that basis — so EK-FAC is never farther from G than K-FAC.
@@ -80,6 +96,10 @@ class KFAC(Solver):
     """Kronecker-factored Gauss-Newton inverse (K-FAC / KFC), exact-expectation factors.
 
     Args:
+        refine: alternating least-squares steps from K-FAC's factors toward the Frobenius-
+            nearest Kronecker product (see the module docstring); each is one more pass over the
+            training data. The default 1 fits A to K-FAC's S; 0 keeps the expectation factors of
+            Martens & Grosse (the published K-FAC and EK-FAC).
         chunk_size: training examples per pass (``None``: the operator's chunk size).
         progress: show progress bars over the passes.
         verify: report the relative residual ‖A·x − v‖/‖v‖ against the operator's exact
@@ -90,9 +110,13 @@ class KFAC(Solver):
     linear = True
     eigenvalue_correction = False
 
-    def __init__(self, chunk_size: int | None = None, progress: bool = False,
+    def __init__(self, refine: int = 1, chunk_size: int | None = None, progress: bool = False,
                  verify: bool = False) -> None:
         super().__init__()
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be a non-negative integer (the number of "
+                             f"least-squares steps on the factors), got {refine!r}.")
+        self.refine = refine
         self.chunk_size = chunk_size
         self.progress = progress
         self.verify = verify
@@ -114,6 +138,8 @@ class KFAC(Solver):
             logger.info("%s: %d tracked parameters outside Linear/Conv2d layers use the diagonal "
                         "of the Gauss-Newton matrix.", type(self).__name__, len(rest))
         self._accumulate_factors()
+        for step in range(self.refine):
+            self._refine_factors(update_activations=step % 2 == 0)
         self._eigendecompose()
         if self.eigenvalue_correction:
             self._correct_eigenvalues()
@@ -230,6 +256,34 @@ class KFAC(Solver):
                 s_flat = s.reshape(-1, s.shape[-1])
                 block.A += a_flat.T @ a_flat / (n * T)
                 block.S += s_flat.T @ s_flat / n
+
+    def _refine_factors(self, update_activations: bool) -> None:
+        """One least-squares step: the best A given S/‖S‖_F, or the best S given A/‖A‖_F."""
+        n = self.operator.num_train
+        fixed = []
+        for block in self.blocks_:
+            factor = block.S if update_activations else block.A
+            norm = factor.norm()
+            fixed.append(factor / norm if norm > 0 else factor)
+        updated = [torch.zeros_like(block.A if update_activations else block.S)
+                   for block in self.blocks_]
+        for chunk in self._pass("Kronecker factor refinement"):
+            for total, F_fixed, (a, s) in zip(updated, fixed, chunk, strict=True):
+                a_flat = a.reshape(-1, a.shape[-1])  # (b·T, in)
+                s_flat = s.reshape(s.shape[0], -1, s.shape[-1])  # (K, b·T, out)
+                if update_activations:  # weight_it = Σ_c s_itcᵀ Ŝ s_itc = tr(S_it Ŝ)
+                    weight = ((s_flat @ F_fixed) * s_flat).sum(dim=(0, 2))
+                    total += (a_flat * weight[:, None]).T @ a_flat / n
+                else:  # weight_it = a_itᵀ Â a_it
+                    weight = ((a_flat @ F_fixed) * a_flat).sum(dim=1)
+                    weighted = s_flat * weight.clamp_min(0).sqrt()[None, :, None]
+                    weighted = weighted.reshape(-1, weighted.shape[-1])
+                    total += weighted.T @ weighted / n
+        for block, F_fixed, total in zip(self.blocks_, fixed, updated, strict=True):
+            if update_activations:
+                block.A, block.S = total, F_fixed
+            else:
+                block.A, block.S = F_fixed, total
 
     def _eigendecompose(self) -> None:
         for block in self.blocks_:
