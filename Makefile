@@ -37,6 +37,7 @@ bench: $(BENCH_VENV)/.installed-stamp
 	$(BENCH_VENV)/bin/python benchmarks/bench_solvers.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/compare.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/scaling.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/kronecker_refinement.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) outputs .pytest_cache .ruff_cache

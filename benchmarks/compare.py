@@ -62,16 +62,18 @@ def _best_of(python: str, problem_path: Path, method: str, out: Path, threads: i
 def _reused(out: Path, method: str) -> dict:
     """The faster of a method's result files from an earlier run (for the slowest peers, or to
     finish an interrupted run), marked as such; an error entry if there is none."""
-    found = [torch.load(path, weights_only=False) for path in
-             (out / "results" / f"{method}.pt", out / "results" / f"{method}-2.pt")
-             if path.exists()]
-    timed = [r for r in found if r.get("seconds") is not None and not r.get("error")]
+    paths = [path for path in (out / "results" / f"{method}.pt",
+                               out / "results" / f"{method}-2.pt") if path.exists()]
+    found = [(path, torch.load(path, weights_only=False)) for path in paths]
+    timed = [(path, r) for path, r in found
+             if r.get("seconds") is not None and not r.get("error")]
     if not timed:
         return {"method": method, "error": "no result in the previous run"
-                + (f": {found[0]['error']}" if found and found[0].get("error") else "")}
-    result = min(timed, key=lambda r: r["seconds"])
+                + (f": {found[0][1]['error']}" if found and found[0][1].get("error") else "")}
+    path, result = min(timed, key=lambda item: item[1]["seconds"])
     result.pop("scores", None)
-    result["note"] = "reused from the previous run (same machine and day)"
+    measured = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    result["note"] = f"reused from an earlier run on this machine ({measured})"
     return result
 
 

@@ -18,8 +18,8 @@ Two variants, both forming the products A·P of a whole block in one batched pas
   rule is relative per column). N = U Σ Wᵀ; only the directions u_i whose singular value σ_i
   exceeds ``truncate`` × tol are searched, S(R) = U_kept. Every column's residual outside them is
   at most σ_(r+1) ≤ truncate·tol, so they cannot keep a column from converging; once the residual
-  is nearly converged it is numerically low-rank and the block narrows, e.g. from 100 to 68 to 27
-  directions on the benchmark MLP: 595 Hessian-vector products instead of 700 at the same
+  is nearly converged it is numerically low-rank and the block narrows, e.g. from 100 to 69 to 27
+  directions on the benchmark MLP: 596 Hessian-vector products instead of 700 at the same
   tolerance. Directions dropped once come back if their share grows: S is recomputed from the
   true recurrence residual every iteration, and the stopping rule is unchanged.
 - ``block=False``: one classic CG recurrence per right-hand side, batched.
