@@ -162,6 +162,59 @@ def test_refinement_steps_approach_the_nearest_kronecker_product() -> None:
         assert distance == pytest.approx(optimum, rel=1e-6, abs=1e-12)
 
 
+def _kfc_model_blocks(problem: Problem) -> list[Tensor]:
+    """For each Conv2d of the CNN problem, KFC's spatially uncorrelated model of its block,
+    (1/n) Σ_{i,t} S_it ⊗ a_it a_itᵀ with S_it = J_itᵀ ∇²_f ℓ_i J_it (J_it = ∂f/∂z at position t),
+    built from torch.func Jacobians and F.unfold, independently of the solver."""
+    model = problem.model
+    blocks = []
+    for position in (0, 2):  # the two convolutions of _cnn_problem
+        conv, before, after = model[position], model[:position], model[position + 1:]
+        total = 0
+        for x, target in zip(problem.X, problem.y, strict=True):
+            inputs = before(x[None])
+            z = conv(inputs)
+            f = after(z)[0]
+            J = torch.func.jacrev(lambda z_, after=after: after(z_)[0])(z)[:, 0]  # (K, out, H', W')
+            J = J.reshape(J.shape[0], J.shape[1], -1)  # (K, out, T)
+            H_out = torch.func.hessian(lambda f_, target=target: problem.objective.train_loss(
+                f_[None], target[None]).sum())(f)
+            a = torch.nn.functional.unfold(inputs, conv.kernel_size, conv.dilation,
+                                           conv.padding, conv.stride)[0].T  # (T, in)
+            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+            for t in range(a.shape[0]):
+                S_t = J[:, :, t].T @ H_out @ J[:, :, t]
+                total = total + torch.kron(S_t, torch.outer(a[t], a[t]))
+        blocks.append(total.detach() / problem.X.shape[0])
+    return blocks
+
+
+def test_refinement_of_convolution_factors_approaches_the_nearest_kronecker_product() -> None:
+    """With T > 1 positions the steps fit KFC's model of the block, with the same guarantees."""
+    problem = _cnn_problem()
+    targets = _kfc_model_blocks(problem)
+
+    def distances(refine: int) -> list[float]:
+        solver = ik.solvers.KFAC(refine=refine).prepare(make_operator(problem))
+        convolutions = [b for b in solver.blocks_ if isinstance(b.module, nn.Conv2d)]
+        return [float((M - torch.kron(b.S, b.A)).norm())
+                for M, b in zip(targets, convolutions, strict=True)]
+
+    runs = [distances(refine) for refine in range(4)]
+    for before, after in itertools.pairwise(runs):
+        assert all(d2 <= d1 * (1 + 1e-10) for d1, d2 in zip(before, after, strict=True))
+    assert all(r1 < r0 for r0, r1 in zip(runs[0], runs[1], strict=True))
+    solver = ik.solvers.KFAC(refine=0).prepare(make_operator(problem))
+    convolutions = [b for b in solver.blocks_ if isinstance(b.module, nn.Conv2d)]
+    for M, block, distance in zip(targets, convolutions, distances(60), strict=True):
+        out, inputs = block.out_features, block.in_features
+        rearranged = M.reshape(out, inputs, out, inputs).permute(0, 2, 1, 3).reshape(
+            out * out, inputs * inputs)
+        sigma = torch.linalg.svdvals(rearranged)[0]
+        optimum = float((M.norm() ** 2 - sigma ** 2).clamp_min(0).sqrt())
+        assert distance == pytest.approx(optimum, rel=1e-6, abs=1e-12)
+
+
 def test_ekfac_with_refined_factors_is_no_farther_than_classic_kfac() -> None:
     """Refined basis + exact diagonal ≤ refined Kronecker product ≤ K-FAC's (Frobenius)."""
     problem = _cnn_problem()
