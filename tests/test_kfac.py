@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import influencekit as ik
 from influencekit.curvature import HessianOperator
+from influencekit.solvers.kfac import _Block
 
 from conftest import Problem, dense_gauss_newton, make_mlp, make_operator
 
@@ -118,7 +119,7 @@ def test_kfac_influence_runs_end_to_end_and_correlates(mlp: Problem) -> None:
         assert inf.last_solve_report.solver == name
 
 
-def _layer_indices(block) -> Tensor:
+def _layer_indices(block: _Block) -> Tensor:
     """θ indices of a Linear block in the (out, in [+ bias]) row-major layout of S ⊗ A."""
     weight = torch.arange(block.weight.start, block.weight.stop).reshape(block.out_features, -1)
     if block.bias is not None:
@@ -216,13 +217,26 @@ def test_refinement_of_convolution_factors_approaches_the_nearest_kronecker_prod
 
 
 def test_ekfac_with_refined_factors_is_no_farther_than_classic_kfac() -> None:
-    """Refined basis + exact diagonal ≤ refined Kronecker product ≤ K-FAC's (Frobenius)."""
-    problem = _cnn_problem()
+    """Refined basis + exact diagonal ≤ refined Kronecker product < K-FAC's (Frobenius, whole
+    damped matrix; T = 1, so each step fits G itself)."""
+    problem = make_mlp()
     classic = _distance(ik.solvers.KFAC(refine=0), problem)
     refined = _distance(ik.solvers.KFAC(refine=1), problem)
     corrected = _distance(ik.solvers.EKFAC(refine=1), problem)
     assert corrected <= refined * (1 + 1e-10)
-    assert corrected < classic
+    assert refined < classic
+
+
+def test_the_first_step_refits_the_activation_factor() -> None:
+    """Step 1 keeps K-FAC's S (normalised) and refits A; step 2 then refits S given A."""
+    op = make_operator(make_mlp())
+    classic = ik.solvers.KFAC(refine=0).prepare(op).blocks_
+    one = ik.solvers.KFAC(refine=1).prepare(op).blocks_
+    two = ik.solvers.KFAC(refine=2).prepare(op).blocks_
+    for b0, b1, b2 in zip(classic, one, two, strict=True):
+        torch.testing.assert_close(b1.S, b0.S / b0.S.norm(), rtol=1e-12, atol=1e-14)
+        assert not torch.allclose(b1.A, b0.A)
+        torch.testing.assert_close(b2.A, b1.A / b1.A.norm(), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("refine", [-1, 1.5, True, "1"])

@@ -27,8 +27,10 @@ alternate
     A ← (1/n) Σ_{i,t} a_it a_itᵀ · tr(S_it Ŝ),       S ← Ŝ = S/‖S‖_F     (odd steps)
     S ← (1/n) Σ_{i,t} S_it · a_itᵀ Â a_it,            A ← Â = A/‖A‖_F     (even steps)
 
-and each is the exact least-squares fit of one factor given the other, so ‖G_W − S ⊗ A‖_F never
-grows from K-FAC's. The expectation factors treat a and s as independent; an example whose
+and each is the exact least-squares fit of one factor given the other to that sum, so the
+distance ‖Σ − S ⊗ A‖_F never grows from K-FAC's. For a Linear layer (T = 1) the sum is G_W
+itself; for a convolution it is KFC's model, and the distance to the true G_W can move either
+way by a little. The expectation factors treat a and s as independent; an example whose
 outputs carry much curvature (an uncertain prediction) weighs its activations more here. Each
 step costs one more pass over the training data. One step is the default: on the benchmark of
 ``benchmarks/`` it raises EK-FAC's agreement with the exact influence from Pearson 0.719 to 0.768,
@@ -98,22 +100,22 @@ class KFAC(Solver):
     """Kronecker-factored Gauss-Newton inverse (K-FAC / KFC), exact-expectation factors.
 
     Args:
-        refine: alternating least-squares steps from K-FAC's factors toward the Frobenius-
-            nearest Kronecker product (see the module docstring); each is one more pass over the
-            training data. The default 1 fits A to K-FAC's S; 0 keeps the expectation factors of
-            Martens & Grosse (the published K-FAC and EK-FAC).
         chunk_size: training examples per pass (``None``: the operator's chunk size).
         progress: show progress bars over the passes.
         verify: report the relative residual ‖A·x − v‖/‖v‖ against the operator's exact
             curvature (one more batched product); otherwise it is reported as NaN.
+        refine: alternating least-squares steps from K-FAC's factors toward the Frobenius-
+            nearest Kronecker product (see the module docstring); each is one more pass over the
+            training data. The default 1 fits A to K-FAC's S; 0 keeps the expectation factors of
+            Martens & Grosse (the published K-FAC and EK-FAC).
     """
 
     name = "kfac"
     linear = True
     eigenvalue_correction = False
 
-    def __init__(self, refine: int = 1, chunk_size: int | None = None, progress: bool = False,
-                 verify: bool = False) -> None:
+    def __init__(self, chunk_size: int | None = None, progress: bool = False,
+                 verify: bool = False, refine: int = 1) -> None:
         super().__init__()
         if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
             raise ValueError(f"refine must be a non-negative integer (the number of "
@@ -260,7 +262,13 @@ class KFAC(Solver):
                 block.S += s_flat.T @ s_flat / n
 
     def _refine_factors(self, update_activations: bool) -> None:
-        """One least-squares step: the best A given S/‖S‖_F, or the best S given A/‖A‖_F."""
+        """One least-squares step on every block's factors, one pass over the training data.
+
+        ``update_activations``: A ← (1/n) Σ_{i,t} a_it a_itᵀ · Σ_c s_itcᵀ Ŝ s_itc with
+        Ŝ = S/‖S‖_F, and S ← Ŝ. Otherwise S ← (1/n) Σ_{i,t,c} (a_itᵀ Â a_it) s_itc s_itcᵀ with
+        Â = A/‖A‖_F, and A ← Â. Shapes: A (in, in), S (out, out); per chunk a is (b, T, in) and
+        s is (K, b, T, out). A zero factor stays zero.
+        """
         n = self.operator.num_train
         fixed = []
         for block in self.blocks_:
@@ -360,7 +368,7 @@ class KFAC(Solver):
             solver=self.name,
             relative_residual=self._relative_residual(X, V) if self.verify else float("nan"),
             damping=self.operator.damping,
-            details={"layers": len(self.blocks_),
+            details={"layers": len(self.blocks_), "refine": self.refine,
                      "fallback_parameters": int(self.fallback_.numel())},
         )
         return X
