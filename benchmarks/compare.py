@@ -3,7 +3,7 @@
 Every method scores the same 1,257 training points against the same 100 test points of the shared
 problem (problem.py: MLP 64-256-256-10 on digits, Hessian of the mean cross-entropy + damping
 1e-3), each in its own process (so that its peak memory is its own), and is compared with the
-float64 reference. The table gives time, peak memory (ru_maxrss of the process, imports and data
+float64 reference. The table gives time, peak memory (VmHWM of the process, imports and data
 included), relative error ‖S − R‖_F/‖R‖_F and Pearson R (over the whole matrix, and the mean over
 test points), with ratios to the fastest peer of the same family and to the floor (one pass of
 per-example gradients). A JSON file records versions, settings and every figure; the checks of
@@ -210,6 +210,8 @@ def main() -> None:
                         help="methods faster than this many seconds run twice, the faster kept")
     parser.add_argument("--reuse", nargs="*", default=[],
                         help="take these methods' results from the previous run in --out")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of the problem instance (0: the README's table)")
     parser.add_argument("--floors-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floors_worker:
@@ -219,7 +221,7 @@ def main() -> None:
         print(json.dumps(ours.floors(problem_module.load(Path(args.floors_worker)))))
         return
     out = Path(args.out)
-    problem_path = problem_module.prepare(out)
+    problem_path = problem_module.prepare(out, args.seed)
     python = sys.executable
     floors = _floors(python, problem_path, args.threads)
     floor = floors["per-example gradients, one pass"]
@@ -238,7 +240,7 @@ def main() -> None:
              f"{args.quick:g} s ran twice, the faster run kept.",
              f"Problem: {problem_module.SETTINGS['model']}; {problem_module.SETTINGS['data']}; "
              f"damping {problem_module.SETTINGS['damping']}; "
-             f"{problem_module.SETTINGS['num_test']} test points.",
+             f"{problem_module.SETTINGS['num_test']} test points; training seed {args.seed}.",
              "Floors: " + ", ".join(f"{k} {v:.3f} s" for k, v in floors.items()), ""]
     lines += [*_table(results, floor), "", *_checks(results)]
     print("\n".join(lines))

@@ -86,16 +86,16 @@ def atomic_save(payload: dict, path: Path) -> None:
         raise
 
 
-def _train() -> tuple[nn.Module, dict]:
+def _train(seed: int = 0) -> tuple[nn.Module, dict]:
     import influencekit as ik
     from influencekit.training import minimize
 
     X_train, y_train, _, _ = _digits()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     X32 = X_train.float()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(200):
         order = torch.randperm(len(y_train), generator=generator)
         for start in range(0, len(order), 64):
@@ -107,7 +107,7 @@ def _train() -> tuple[nn.Module, dict]:
     report = minimize(model, ik.CrossEntropyObjective(weight_decay=1e-4), (X_train, y_train),
                       method="lbfgs", tol=3e-6, max_iter=20_000)
     return model, {"polish_gradient_norm": report.gradient_norm,
-                   "polish_iterations": report.iterations}
+                   "polish_iterations": report.iterations, "seed": seed}
 
 
 def _reference(model64: nn.Module, damping: float, num_test: int) -> Tensor:
@@ -123,17 +123,20 @@ def _reference(model64: nn.Module, damping: float, num_test: int) -> Tensor:
     return scores
 
 
-def cache_path(folder: Path) -> Path:
-    key = hashlib.sha256((VERSION + repr(sorted(SETTINGS.items()))).encode()).hexdigest()[:10]
+def cache_path(folder: Path, seed: int = 0) -> Path:
+    recipe = VERSION + repr(sorted(SETTINGS.items())) + (f"seed {seed}" if seed else "")
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:10]
     return Path(folder) / f"problem-{key}.pt"
 
 
-def prepare(folder: Path) -> Path:
-    """Build (or reuse) the cached problem and reference; returns the cache file."""
-    path = cache_path(folder)
+def prepare(folder: Path, seed: int = 0) -> Path:
+    """Build (or reuse) the cached problem and reference; returns the cache file. ``seed``
+    draws another instance of the same recipe (initialisation and batch order; 0 is the
+    instance of the README's table)."""
+    path = cache_path(folder, seed)
     if path.exists():
         return path
-    model64, training = _train()
+    model64, training = _train(seed)
     reference = _reference(model64, SETTINGS["damping"], SETTINGS["num_test"])
     atomic_save({"state": {k: v.float() for k, v in model64.state_dict().items()},
                   "state64": model64.state_dict(), "reference": reference,

@@ -11,8 +11,9 @@ Gauss-Newton curvature with damping 1e-3:
 - exact: block CG preconditioned by EK-FAC to relative residual 1e-4;
 - Kronecker: EK-FAC alone.
 
-Each (n, method) runs in its own process so that peak memory (ru_maxrss) is its own. The table
-reports seconds, seconds per 1k points, peak memory and CG iterations; the JSON records it all.
+Each (n, method) runs in its own process so that peak memory (VmHWM, see peak_memory.py) is
+its own. The table reports seconds, seconds per 1k points, peak memory and CG iterations; the
+JSON records it all.
 
 Run: ``python benchmarks/scaling.py --out outputs/bench`` (``make bench`` does).
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -50,6 +50,8 @@ def generated_training_set(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 def _worker(problem_path: str, n: int, method: str, threads: int) -> dict:
     sys.path.insert(0, str(HERE))
+    from peak_memory import peak_rss_bytes
+
     import influencekit as ik
 
     from problem import load
@@ -65,7 +67,7 @@ def _worker(problem_path: str, n: int, method: str, threads: int) -> dict:
     seconds = time.perf_counter() - start
     report = inf.last_solve_report
     return {"n": n, "method": method, "seconds": seconds,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "iterations": report.iterations, "residual": report.relative_residual,
             "finite": bool(torch.isfinite(scores).all())}
 

@@ -8,7 +8,8 @@ the keys of METHODS in pydvl_methods, dattri_methods, kronfluence_methods, captu
 
 The result file (torch.save of a dict, written atomically) holds: method, library,
 version, settings, seconds (time.perf_counter around the method call only), peak_rss_bytes
-(ru_maxrss of the whole process, in bytes), peak_rss_before_bytes (the same just before
+(VmHWM of the whole process, in bytes; see
+../peak_memory.py), peak_rss_before_bytes (the same just before
 the call, after loading the problem), relative_error (‖S − R‖_F / ‖R‖_F), pearson_flat,
 pearson_rows_mean, pearson_rows_min, num_nonfinite, scores ((m, n) float64, our
 I_up,loss) and error (None, or the traceback if the library failed: then scores and the
@@ -21,7 +22,6 @@ import argparse
 import contextlib
 import importlib
 import logging
-import resource
 import sys
 import time
 import traceback
@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: problem.py and the peers package
 
 import torch  # noqa: E402
+from peak_memory import peak_rss_bytes  # noqa: E402
 
 from problem import atomic_save  # noqa: E402
 
@@ -79,9 +80,6 @@ class _Collector(logging.Handler):
         self.messages.append(f"log {record.name}: {record.getMessage()}"[:500])
 
 
-def _max_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss) if sys.platform == "darwin" else int(rss) * 1024  # Linux: KiB
 
 
 def run(problem_path: Path, method: str, threads: int) -> dict:
@@ -116,7 +114,7 @@ def run(problem_path: Path, method: str, threads: int) -> dict:
 
     records = _Collector()
     logging.getLogger().addHandler(records)
-    result["peak_rss_before_bytes"] = _max_rss_bytes()
+    result["peak_rss_before_bytes"] = peak_rss_bytes()
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -125,7 +123,7 @@ def run(problem_path: Path, method: str, threads: int) -> dict:
         result["seconds"] = time.perf_counter() - start
     except Exception:
         result["seconds"] = time.perf_counter() - start
-        result["peak_rss_bytes"] = _max_rss_bytes()
+        result["peak_rss_bytes"] = peak_rss_bytes()
         result["error"] = traceback.format_exc()
         return result
     finally:
@@ -135,7 +133,7 @@ def run(problem_path: Path, method: str, threads: int) -> dict:
             {f"{w.category.__name__}: {w.message}"[:500] for w in caught
              if not issubclass(w.category, (DeprecationWarning, FutureWarning))}
             | set(records.messages))
-    result["peak_rss_bytes"] = _max_rss_bytes()
+    result["peak_rss_bytes"] = peak_rss_bytes()
     if hasattr(module, "details"):  # e.g. iterations and residual of influencekit's solves
         result.update(module.details())
     try:
