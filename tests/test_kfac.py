@@ -140,6 +140,16 @@ def _kronecker_distances(problem: Problem, refine: int) -> list[float]:
     return distances
 
 
+def _nearest_kronecker_distance(M: Tensor, block: _Block) -> float:
+    """min over S, A of ‖M − S ⊗ A‖_F = √(‖M‖² − σ₁²), σ₁ the top singular value of the
+    rearranged block R[(o,o'),(i,i')] = M[(o,i),(o',i')] (Van Loan & Pitsianis)."""
+    out, inputs = block.out_features, block.in_features
+    rearranged = M.reshape(out, inputs, out, inputs).permute(0, 2, 1, 3).reshape(
+        out * out, inputs * inputs)
+    sigma = torch.linalg.svdvals(rearranged)[0]
+    return float((M.norm() ** 2 - sigma ** 2).clamp_min(0).sqrt())
+
+
 def test_refinement_steps_approach_the_nearest_kronecker_product() -> None:
     """Each least-squares step lowers ‖G_l − S ⊗ A‖_F; many reach the Van Loan–Pitsianis optimum,
     ‖G_l‖² − σ₁² with σ₁ the top singular value of the rearranged block R[(o,o'),(i,i')]."""
@@ -155,12 +165,8 @@ def test_refinement_steps_approach_the_nearest_kronecker_product() -> None:
     solver = ik.solvers.KFAC(refine=0).prepare(make_operator(problem))
     for block, distance in zip(solver.blocks_, converged, strict=True):
         index = _layer_indices(block)
-        out, inputs = block.out_features, block.in_features
-        G_l = G[index][:, index].reshape(out, inputs, out, inputs)
-        rearranged = G_l.permute(0, 2, 1, 3).reshape(out * out, inputs * inputs)
-        sigma = torch.linalg.svdvals(rearranged)[0]
-        optimum = float((G_l.norm() ** 2 - sigma ** 2).clamp_min(0).sqrt())
-        assert distance == pytest.approx(optimum, rel=1e-6, abs=1e-12)
+        assert distance == pytest.approx(_nearest_kronecker_distance(G[index][:, index], block),
+                                         rel=1e-6, abs=1e-12)
 
 
 def _kfc_model_blocks(problem: Problem) -> list[Tensor]:
@@ -208,12 +214,8 @@ def test_refinement_of_convolution_factors_approaches_the_nearest_kronecker_prod
     solver = ik.solvers.KFAC(refine=0).prepare(make_operator(problem))
     convolutions = [b for b in solver.blocks_ if isinstance(b.module, nn.Conv2d)]
     for M, block, distance in zip(targets, convolutions, distances(60), strict=True):
-        out, inputs = block.out_features, block.in_features
-        rearranged = M.reshape(out, inputs, out, inputs).permute(0, 2, 1, 3).reshape(
-            out * out, inputs * inputs)
-        sigma = torch.linalg.svdvals(rearranged)[0]
-        optimum = float((M.norm() ** 2 - sigma ** 2).clamp_min(0).sqrt())
-        assert distance == pytest.approx(optimum, rel=1e-6, abs=1e-12)
+        assert distance == pytest.approx(_nearest_kronecker_distance(M, block),
+                                         rel=1e-6, abs=1e-12)
 
 
 def test_ekfac_with_refined_factors_is_no_farther_than_classic_kfac() -> None:
