@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import influencekit as ik
 from influencekit.errors import IndefiniteHessianError
 from influencekit.io import atomic_write_json
+from influencekit.validation import correlations
 
 REFINE_STEPS = (0, 1, 2)
 WEIGHT_DECAYS = (1e-3, 1e-4)
@@ -75,12 +76,6 @@ def _train(model: nn.Module, X: Tensor, y: Tensor, weight_decay: float) -> nn.Mo
     return model.double()
 
 
-def _pearson(a: Tensor, b: Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b / (a.norm() * b.norm()))
-
-
 def _scores(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
             solver: ik.solvers.Solver | str, damping: float, curvature: str = "hessian") -> Tensor:
     return ik.Influence(model, ik.CrossEntropyObjective(), train, solver=solver, damping=damping,
@@ -101,8 +96,8 @@ def run_case(name: str, weight_decay: float, damping: float) -> dict:
     row = {"case": name, "weight_decay": weight_decay, "damping": damping, "reference": kind}
     for solver in (ik.solvers.KFAC, ik.solvers.EKFAC):
         for refine in REFINE_STEPS:
-            row[f"{solver.name}-{refine}"] = _pearson(
-                _scores(model, train, test, solver(refine=refine), damping), reference)
+            row[f"{solver.name}-{refine}"] = correlations(
+                _scores(model, train, test, solver(refine=refine), damping), reference)[0]
     return row
 
 
