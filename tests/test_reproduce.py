@@ -145,3 +145,118 @@ def test_hardest_misclassified_understands_signed_labels() -> None:
     X = torch.tensor([[-2.0], [0.1], [-0.5]], dtype=torch.float64)
     for labels in (torch.tensor([-1, 1, 1]), torch.tensor([0, 1, 1])):
         assert hardest_misclassified(model, ik.BinaryLogisticObjective(), X, labels) == 2
+
+
+# ------------------------------------------------------- side effects: global RNG, matplotlib
+
+
+def _after_global_seed(seed: int, call):
+    """Seed the global torch RNG, run ``call()``, and check the global state is as it was."""
+    import torch
+
+    torch.manual_seed(seed)
+    before = torch.get_rng_state()
+    result = call()
+    assert torch.equal(torch.get_rng_state(), before), "the call moved the global torch RNG"
+    return result
+
+
+def test_demo_leaves_the_global_rng_alone_and_does_not_depend_on_it(tmp_path: Path) -> None:
+    from influencekit.demo import run_demo
+
+    runs = [_after_global_seed(seed, lambda seed=seed: run_demo(
+        tmp_path / f"seed{seed}", num_check=5, k=3, progress=False)) for seed in (1, 2)]
+    first, second = runs
+    assert (first.test_index, first.helpful, first.harmful) == \
+        (second.test_index, second.helpful, second.harmful)
+    # Equal up to round-off: threaded reductions differ in the last bits from run to run.
+    assert first.pearson == pytest.approx(second.pearson, rel=1e-9)
+    assert first.spearman == pytest.approx(second.spearman, rel=1e-9)
+    assert all(path.stat().st_size > 0 for path in first.files + second.files)
+
+
+def test_a_quick_reproduction_leaves_the_global_rng_alone_and_does_not_depend_on_it(
+        tmp_path: Path) -> None:
+    # §5.1 builds and trains a network (seeded initialisation, mini-batches) and zero-initialised
+    # layers: every kind of randomness the experiments use.
+    name = "sec51-rbf-vs-network"
+    records = [_after_global_seed(seed, lambda seed=seed: run_experiment(
+        reproduce.get(name), tmp_path / f"seed{seed}", quick=True)) for seed in (1, 2)]
+    first, second = (record.outcome.metrics for record in records)
+    assert first.keys() == second.keys()
+    for key in first:  # a network initialised from the global seed would differ far more
+        assert first[key] == pytest.approx(second[key], rel=1e-7, abs=1e-12), key
+
+
+def test_model_construction_in_the_experiments_never_reads_the_global_rng() -> None:
+    import torch
+
+    from influencekit.datasets import digits
+    from influencekit.objective import CrossEntropyObjective
+    from influencekit.reproduce.common import fit_linear, zero_linear
+    from influencekit.reproduce.fig2_cnn import CNNRun, train_cnn
+    from influencekit.reproduce.networks import (
+        FeatureMLP,
+        FrozenFeatureClassifier,
+        LogisticTop,
+        RBFKernelMachine,
+    )
+
+    split = digits(classes=(0, 1))
+    X = torch.rand(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    start = torch.get_rng_state()
+    features = FeatureMLP(4).eval()
+    assert not torch.equal(torch.get_rng_state(), start)  # PyTorch's default initialisation ...
+    zero_initialised = {
+        "zero_linear": lambda: zero_linear(4, 2, bias=True),
+        "LogisticTop": lambda: LogisticTop(5),
+        "FrozenFeatureClassifier": lambda: FrozenFeatureClassifier(features, 4),
+        "RBFKernelMachine": lambda: RBFKernelMachine(X, 1.0),
+    }
+    for name, build in zero_initialised.items():  # ... ours leave it where it was
+        model = _after_global_seed(3, build)
+        trained = [p for n, p in model.named_parameters() if not n.startswith("features.")]
+        assert trained and all(not p.detach().any() for p in trained), name
+    fitted = [_after_global_seed(seed, lambda: fit_linear(CrossEntropyObjective(
+        weight_decay=0.1), split, 2).weight.detach()) for seed in (1, 2)]
+    assert torch.equal(fitted[0], fitted[1])
+
+    images, labels = split.X_train[:24].reshape(-1, 1, 8, 8).double(), split.y_train[:24]
+    tiny = CNNRun(num_train=None, adam_steps=3, lbfgs_evaluations=3, num_points=1)
+    cnns = [_after_global_seed(seed, lambda: train_cnn(images, labels, tiny, seed=7)[0])
+            for seed in (1, 2)]
+    for a, b in zip(cnns[0].parameters(), cnns[1].parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    torch.manual_seed(123)  # the same seed gives the same start; another seed another one
+    again = train_cnn(images, labels, tiny, seed=7)[0]
+    other = train_cnn(images, labels, tiny, seed=8)[0]
+    assert torch.allclose(again.fc.weight, cnns[0].fc.weight, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(other.fc.weight, cnns[0].fc.weight, rtol=1e-3)
+
+
+def test_importing_and_drawing_keep_the_matplotlib_backend_and_skip_pyplot(
+        tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import matplotlib
+assert matplotlib.get_backend() == "svg" and "matplotlib.pyplot" not in sys.modules
+import numpy as np
+import influencekit.demo
+import influencekit.reproduce
+import influencekit.report.plots as plots
+assert len(influencekit.reproduce.experiments()) >= 8  # imports every experiment module
+path = plots.predicted_vs_actual(np.arange(4.0), np.arange(4.0) ** 2, sys.argv[1], "t", 0.9)
+assert open(path, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "figure.png")],
+                          env={**os.environ, "MPLBACKEND": "svg"}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -19,6 +19,7 @@ from .datasets import digits
 from .influence import Influence
 from .io import atomic_write_json
 from .objective import CrossEntropyObjective
+from .randomness import seeded
 from .report import plots
 from .training import minimize
 from .validation import validate
@@ -48,8 +49,8 @@ def run_demo(out: Path, num_check: int = 50, k: int = 5, weight_decay: float = 0
     echo(f"Data: {data.name} — {n} training / {data.X_test.shape[0]} test images, pixels in [0, 1]")
     echo(f"Model: 10-class logistic regression, no bias, L2 weight decay λ = {weight_decay}")
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 10, bias=False).double()
+    with seeded(0):  # the same initial weights every run; the caller's random state is kept
+        model = torch.nn.Linear(64, 10, bias=False).double()
     objective = CrossEntropyObjective(weight_decay=weight_decay)
     fit = minimize(model, objective, data.train, tol=1e-10)
     with torch.no_grad():

@@ -1,25 +1,40 @@
-"""Figures in the style of Koh & Liang (2017): influential training images, predicted vs actual."""
+"""Figures in the style of Koh & Liang (2017): influential training images, predicted vs actual.
+
+Figures are plain :class:`matplotlib.figure.Figure` objects rendered straight to PNG bytes: no
+pyplot, no backend, nothing registered globally, so drawing here never changes the backend or
+the open figures of a notebook or application that uses the library.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from ..io import atomic_write_bytes
 
 
-def save_figure(figure: plt.Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Render ``figure`` to PNG and write it atomically; closes the figure."""
+def new_figure(rows: int = 1, columns: int = 1, figsize: tuple[float, float] | None = None,
+               **subplots: Any) -> tuple[Figure, np.ndarray]:
+    """A figure with a ``rows`` × ``columns`` grid of axes, ``(rows, columns)`` (never squeezed).
+
+    ``figsize`` in inches (``None``: matplotlib's default); ``subplots``: further keywords of
+    :meth:`~matplotlib.figure.Figure.subplots` (e.g. ``gridspec_kw``).
+    """
+    figure = Figure(figsize=figsize)
+    axes = figure.subplots(rows, columns, squeeze=False, **subplots)
+    return figure, axes
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Render ``figure`` to PNG and write it atomically (no pyplot: nothing to close)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -34,8 +49,8 @@ def influential_images(test_image: np.ndarray, test_caption: str,
         rows: ``(title, images (k, H, W), captions)`` per row.
     """
     columns = max(len(images) for _, images, _ in rows)
-    figure, axes = plt.subplots(len(rows) + 1, columns,
-                                figsize=(1.6 * columns, 1.9 * (len(rows) + 1)), squeeze=False)
+    figure, axes = new_figure(len(rows) + 1, columns,
+                              figsize=(1.6 * columns, 1.9 * (len(rows) + 1)))
     for axis in axes.ravel():
         axis.axis("off")
     axes[0, 0].imshow(test_image, cmap="gray_r")
@@ -52,7 +67,7 @@ def influential_images(test_image: np.ndarray, test_caption: str,
     return save_figure(figure, path)
 
 
-def draw_predicted_vs_actual(axis: plt.Axes, predicted: np.ndarray, actual: np.ndarray,
+def draw_predicted_vs_actual(axis: Axes, predicted: np.ndarray, actual: np.ndarray,
                              title: str, pearson: float, spearman: float | None = None) -> None:
     """One Fig. 2-style panel: x = actual change after retraining, y = predicted −I_up,loss/n."""
     predicted = np.asarray(predicted, dtype=float).ravel()
@@ -77,8 +92,8 @@ def draw_predicted_vs_actual(axis: plt.Axes, predicted: np.ndarray, actual: np.n
 def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, path: str | Path,
                         title: str, pearson: float, spearman: float | None = None) -> Path:
     """A single predicted-vs-actual panel saved as PNG (see :func:`draw_predicted_vs_actual`)."""
-    figure, axis = plt.subplots(figsize=(4.2, 4.0))
-    draw_predicted_vs_actual(axis, predicted, actual, title, pearson, spearman)
+    figure, axes = new_figure(figsize=(4.2, 4.0))
+    draw_predicted_vs_actual(axes[0, 0], predicted, actual, title, pearson, spearman)
     figure.tight_layout()
     return save_figure(figure, path)
 
@@ -86,7 +101,7 @@ def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, path: str | P
 def predicted_vs_actual_panels(panels: Sequence[tuple[np.ndarray, np.ndarray, str, float]],
                                path: str | Path) -> Path:
     """Several panels side by side, each ``(predicted, actual, title, pearson)``."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    figure, axes = new_figure(1, len(panels), figsize=(4.2 * len(panels), 4.0))
     for axis, (predicted, actual, title, pearson) in zip(axes[0], panels, strict=True):
         draw_predicted_vs_actual(axis, predicted, actual, title, pearson)
     figure.tight_layout()

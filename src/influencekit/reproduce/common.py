@@ -19,14 +19,26 @@ def image_data(settings: RunSettings, classes: tuple[int, ...] | None = None,
     return digits(seed=settings.seed, classes=classes)
 
 
+def zero_linear(inputs: int, outputs: int, bias: bool = False) -> nn.Linear:
+    """``nn.Linear(inputs, outputs, bias)`` (float32) with all parameters zero.
+
+    Built without its default random initialisation (:func:`torch.nn.utils.skip_init`), so it
+    never draws from, or advances, the global random number generator.
+    """
+    layer = nn.utils.skip_init(nn.Linear, inputs, outputs, bias=bias)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.zero_()
+    return layer
+
+
 def fit_linear(objective: Objective, split: Split, outputs: int, bias: bool = False,
                tol: float = 1e-10) -> nn.Linear:
-    """A linear model (logistic regression, SVM) fitted to ‖∇R‖ ≤ tol in float64 by Newton."""
-    torch.manual_seed(0)
-    model = nn.Linear(split.X_train.shape[1], outputs, bias=bias).double()
-    nn.init.zeros_(model.weight)
-    if bias:
-        nn.init.zeros_(model.bias)
+    """A linear model (logistic regression, SVM) fitted to ‖∇R‖ ≤ tol in float64 by Newton.
+
+    Newton's method starts from zero weights: nothing random is drawn.
+    """
+    model = zero_linear(split.X_train.shape[1], outputs, bias=bias).double()
     report = minimize(model, objective, split.train, tol=tol)
     if not report.converged:
         raise RuntimeError(f"fitting the linear model stopped at ‖∇R‖ = {report.gradient_norm:.2e}")

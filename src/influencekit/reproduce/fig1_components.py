@@ -34,10 +34,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -45,6 +41,7 @@ from torch import Tensor, nn
 from ..datasets import Split
 from ..influence import Influence
 from ..objective import BinaryLogisticObjective
+from ..randomness import generator
 from ..report import plots
 from ..solvers import Direct
 from ..validation import actual_loo_changes, correlations
@@ -101,8 +98,7 @@ def _refit_indices(n: int, quick: bool, seed: int) -> Tensor:
     cap = 100 if quick else MAX_REFITS
     if n <= cap:
         return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=generator)[:cap].sort().values
+    return torch.randperm(n, generator=generator(seed))[:cap].sort().values
 
 
 def _median_over_tests(influence: Influence, X_test: Tensor, y_test: Tensor,
@@ -124,8 +120,7 @@ def _median_over_tests(influence: Influence, X_test: Tensor, y_test: Tensor,
 def draw_components(true: np.ndarray, ablations: dict[str, np.ndarray], same_label: np.ndarray,
                     pearsons: dict[str, float], path: Path) -> Path:
     """Fig. 1-style panels: x = true −I_up,loss, y = each ablation; green same label, red other."""
-    figure, axes = plt.subplots(1, len(ablations), figsize=(4.2 * len(ablations), 3.9),
-                                squeeze=False)
+    figure, axes = plots.new_figure(1, len(ablations), figsize=(4.2 * len(ablations), 3.9))
     for axis, (name, scores) in zip(axes[0], ablations.items(), strict=True):
         for mask, colour, label in ((~same_label, "#d62728", "other label"),
                                     (same_label, "#2ca02c", "same label as test")):

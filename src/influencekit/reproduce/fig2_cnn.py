@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 from ..datasets import Split
 from ..influence import Influence
 from ..objective import CrossEntropyObjective
+from ..randomness import generator, seeded
 from ..report import plots
 from ..solvers import CG
 from ..spectrum import lanczos_ritz_values
@@ -75,8 +75,7 @@ def training_images(settings: RunSettings, size: CNNRun) -> tuple[Split, Tensor,
     split = image_data(settings, max_train=5500 if settings.data is not None else None)
     X, y = as_images(split.X_train).double(), split.y_train
     if size.num_train is not None and size.num_train < len(y):
-        generator = torch.Generator().manual_seed(settings.seed)
-        keep = torch.randperm(len(y), generator=generator)[: size.num_train]
+        keep = torch.randperm(len(y), generator=generator(settings.seed))[: size.num_train]
         X, y = X[keep], y[keep]
     return split, X, y
 
@@ -84,11 +83,13 @@ def training_images(settings: RunSettings, size: CNNRun) -> tuple[Split, Tensor,
 def train_cnn(X: Tensor, y: Tensor, size: CNNRun, seed: int) -> tuple[DigitsCNN, FitReport]:
     """Adam (lr 3e-3, batch 500) in float32, then L-BFGS in float64 to ‖∇R‖ ≤ 1e-5 (or the cap).
 
-    Returns the float64 model and the L-BFGS report (its gradient norm is the final ‖∇R(θ̂)‖).
+    The initial weights come from ``seed`` in a forked generator (the caller's random state is
+    left alone). Returns the float64 model and the L-BFGS report (its gradient norm is the final
+    ‖∇R(θ̂)‖).
     """
     objective = CrossEntropyObjective(weight_decay=WEIGHT_DECAY)
-    torch.manual_seed(seed)
-    model = DigitsCNN()
+    with seeded(seed):
+        model = DigitsCNN()
     train_steps(model, objective, (X.float(), y), steps=size.adam_steps, lr=3e-3,
                 batch_size=min(500, len(y)), seed=seed)
     model = model.double()
@@ -171,7 +172,8 @@ def actual_changes(model: nn.Module, X: Tensor, y: Tensor, test: tuple[Tensor, T
 
 def _draw(predicted: Tensor, actual: Tensor, horizons: np.ndarray, pearsons: list[float],
           steps: int, pearson: float, spearman: float, path: Path) -> Path:
-    figure, axes = plt.subplots(1, 2, figsize=(8.6, 4.0))
+    figure, grid = plots.new_figure(1, 2, figsize=(8.6, 4.0))
+    axes = grid[0]
     plots.draw_predicted_vs_actual(axes[0], predicted.numpy(), actual.numpy(),
                                    "CNN (damping 0.01, CG)", pearson, spearman)
     axes[1].plot(horizons, pearsons, marker="o", ms=3)

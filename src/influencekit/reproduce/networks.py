@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from ..datasets import digits
 from ..objective import CrossEntropyObjective
+from ..randomness import seeded
 from ..training import train_steps
+from .common import zero_linear
 
 
 class DigitsCNN(nn.Module):
@@ -74,15 +76,17 @@ def train_feature_extractor(excluded: tuple[int, ...], width: int = 64, steps: i
 
     Uses the training split of :func:`~influencekit.datasets.digits` (same seed as the
     experiments), so no test image is seen. Adam, lr 1e-3, batch 128, weight decay 1e-4. The
-    returned extractor has ``requires_grad=False`` everywhere and is in eval mode.
+    layers are initialised from ``seed`` in a forked generator (the caller's random state is
+    left alone). The returned extractor has ``requires_grad=False`` everywhere and is in eval
+    mode.
     """
     classes = tuple(c for c in range(10) if c not in excluded)
     if len(classes) < 2:
         raise ValueError(f"excluding {excluded} leaves fewer than two classes to train on.")
     split = digits(seed=seed, classes=classes)
-    torch.manual_seed(seed)
-    features = FeatureMLP(width)
-    head = nn.Sequential(features, nn.Linear(width, len(classes)))
+    with seeded(seed):
+        features = FeatureMLP(width)
+        head = nn.Sequential(features, nn.Linear(width, len(classes)))
     train_steps(head, CrossEntropyObjective(weight_decay=1e-4),
                 (split.X_train.float(), split.y_train), steps=steps, lr=1e-3, batch_size=128,
                 seed=seed)
@@ -95,15 +99,13 @@ def train_feature_extractor(excluded: tuple[int, ...], width: int = 64, steps: i
 class FrozenFeatureClassifier(nn.Module):
     """Binary classifier s(x) = topᵀ φ(x) + b on frozen features φ; output ``(b,)`` scores.
 
-    Only ``top`` is meant to be trained or tracked (``params=["top"]``).
+    Only ``top`` is meant to be trained or tracked (``params=["top"]``); it starts at zero.
     """
 
     def __init__(self, features: nn.Module, width: int) -> None:
         super().__init__()
         self.features = features
-        self.top = nn.Linear(width, 1)
-        nn.init.zeros_(self.top.weight)
-        nn.init.zeros_(self.top.bias)
+        self.top = zero_linear(width, 1, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.top(self.features(x)).squeeze(-1)
@@ -113,14 +115,12 @@ class LogisticTop(nn.Module):
     """The top layer alone, on precomputed features ``(b, d)`` → ``(b,)`` scores.
 
     Shares its parameter names (``top.weight``, ``top.bias``) with
-    :class:`FrozenFeatureClassifier`, so the two can exchange state.
+    :class:`FrozenFeatureClassifier`, so the two can exchange state. Starts at zero.
     """
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.top = nn.Linear(width, 1)
-        nn.init.zeros_(self.top.weight)
-        nn.init.zeros_(self.top.bias)
+        self.top = zero_linear(width, 1, bias=True)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.top(features).squeeze(-1)
@@ -141,7 +141,8 @@ class RBFKernelMachine(nn.Module):
 
     With the L2 penalty (λ/2)‖w‖² this is kernel regression with the RKHS-norm penalty
     (f = Σ_j a_j k(·, c_j), ‖f‖²_H = ‖w‖² for a = L⁻ᵀw); training point i has feature row i of
-    L. Output ``(b,)`` scores; only ``linear`` has parameters (no bias, as in the paper's code).
+    L. Output ``(b,)`` scores; only ``linear`` has parameters (no bias, as in the paper's code),
+    and they start at zero.
     """
 
     def __init__(self, centers: Tensor, gamma: float, jitter: float = 1e-8) -> None:
@@ -153,8 +154,7 @@ class RBFKernelMachine(nn.Module):
         gram = self.kernel(centers)
         eye = torch.eye(len(centers), dtype=centers.dtype, device=centers.device)
         self.register_buffer("cholesky", torch.linalg.cholesky(gram + jitter * eye))
-        self.linear = nn.Linear(len(centers), 1, bias=False)
-        nn.init.zeros_(self.linear.weight)
+        self.linear = zero_linear(len(centers), 1)
 
     def kernel(self, x: Tensor) -> Tensor:
         """k(x, c_j) for each row of ``x`` ``(b, d)`` and centre j: ``(b, n)``."""

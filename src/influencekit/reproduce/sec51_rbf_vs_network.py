@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.axes import Axes
 from scipy import stats
 from torch import Tensor, nn
 
@@ -141,7 +141,7 @@ def same_class_fraction(loo: Tensor, y_train: Tensor, y_test: Tensor, k: int = 1
     return (y_train[helpful] == y_test[:, None]).double().mean(dim=1)
 
 
-def _scatter(axis: plt.Axes, loo: Tensor, distance: Tensor, same: Tensor, title: str) -> None:
+def _scatter(axis: Axes, loo: Tensor, distance: Tensor, same: Tensor, title: str) -> None:
     for mask, colour, label in ((same, "#2ca02c", "same class"), (~same, "#d62728", "other class")):
         axis.scatter(distance[mask].numpy(), loo[mask].numpy(), s=10, color=colour, alpha=0.7,
                      edgecolors="none", label=label)
@@ -157,7 +157,7 @@ def draw_figures(split: Split, models: list[ModelInfluence], distance: Tensor, j
                  out: Path) -> list[Path]:
     """Fig. 4: influence vs distance per model for test image j; its most helpful images."""
     same = split.y_train == split.y_test[j]
-    figure, axes = plt.subplots(1, len(models), figsize=(4.4 * len(models), 3.8), squeeze=False)
+    figure, axes = plots.new_figure(1, len(models), figsize=(4.4 * len(models), 3.8))
     for axis, model in zip(axes[0], models, strict=True):
         _scatter(axis, model.loo[j], distance[j], same, model.name)
     figure.tight_layout()

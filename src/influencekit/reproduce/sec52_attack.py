@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from ..datasets import Split
 from ..influence import Influence
 from ..objective import BinaryLogisticObjective
+from ..randomness import generator
 from ..report import plots
 from ..training import minimize
 from ..validation import correlations
@@ -174,8 +174,7 @@ class TopLayerAttack:
     def random_corner_margin(self, target: int, chosen: Tensor, low: Tensor,
                              high: Tensor) -> float:
         """The target's margin after moving ``chosen`` to a random corner of their boxes."""
-        generator = torch.Generator().manual_seed(target)
-        corner = torch.rand(low.shape, generator=generator, dtype=low.dtype) < 0.5
+        corner = torch.rand(low.shape, generator=generator(target), dtype=low.dtype) < 0.5
         F = self.clean_features.clone()
         with torch.no_grad():
             F[chosen] = self.features(torch.where(corner, high, low))
@@ -244,8 +243,9 @@ def draw_figures(setup: TopLayerAttack, targets: Tensor, results: dict[int, list
     i = int(result.indices[0])
     original = setup.split.X_train[i]
     delta = result.perturbed[0] - original
-    figure, axes = plt.subplots(1, 5, figsize=(13.5, 3.0),
-                                gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.5]})
+    figure, grid = plots.new_figure(1, 5, figsize=(13.5, 3.0),
+                                    gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.5]})
+    axes = grid[0]
     panels = [(setup.split.X_test[target], f"test image\nmargin {result.margin_before:.2f} → "
                f"{result.margin_after:.2f}", "gray_r"),
               (original, f"training image #{i}\n(label {PAIR[int(setup.split.y_train[i])]})",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
@@ -34,7 +35,7 @@ from ..datasets.readmission import (
 from ..errors import InputError
 from ..influence import Influence
 from ..objective import BinaryLogisticObjective
-from ..report.plots import plt, save_figure
+from ..report.plots import new_figure, save_figure
 from ..solvers import Direct
 from .base import Experiment, Outcome, RunSettings
 from .common import fit_linear
@@ -304,7 +305,8 @@ def draw_figure(scores: np.ndarray, n_children: int, labels: np.ndarray,
     order = np.argsort(change)
     rows = np.concatenate([order[:k], order[-k:]])
     is_child = rows >= n - n_children
-    figure, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    figure, grid = new_figure(1, 3, figsize=(15, 5.2))
+    axes = grid[0]
     captions = [f"{'child' if c else 'train'} #{r} (y={labels[r]})"
                 for r, c in zip(rows, is_child, strict=True)]
     _bars(axes[0], change[rows], captions, np.where(is_child, "#d62728", "0.55"))
@@ -328,7 +330,7 @@ def draw_figure(scores: np.ndarray, n_children: int, labels: np.ndarray,
     return save_figure(figure, path)
 
 
-def _bars(axis: plt.Axes, values: np.ndarray, labels: list[str], colors: np.ndarray) -> None:
+def _bars(axis: Axes, values: np.ndarray, labels: list[str], colors: np.ndarray) -> None:
     positions = np.arange(len(values))
     axis.barh(positions, values, color=colors)
     axis.set_yticks(positions, labels, fontsize=7)

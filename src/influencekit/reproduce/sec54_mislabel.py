@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from ..datasets.spam import BagOfWordsSplit, enron_spam, generate_spam_corpus
 from ..influence import Influence
 from ..objective import BinaryLogisticObjective
-from ..report.plots import plt, save_figure
+from ..report.plots import new_figure, save_figure
 from ..solvers import Direct
 from .base import Experiment, Outcome, RunSettings
+from .common import zero_linear
 
 WEIGHT_DECAY = 1e-4
 FLIP_FRACTION = 0.10
@@ -170,7 +171,7 @@ class LogisticFit:
 
 def _linear_model(theta: Tensor) -> nn.Linear:
     """A bias-free linear model with weights θ (what the library's Influence differentiates)."""
-    model = nn.Linear(theta.numel(), 1, bias=False).double()
+    model = zero_linear(theta.numel(), 1).double()
     with torch.no_grad():
         model.weight.copy_(theta[None, :])
     return model
@@ -353,7 +354,8 @@ def draw_fig6(results: list[SeedResult], clean_accuracy: float, n_train: int,
     """
     fractions = np.array((0.0, *FRACTIONS))
     at = [round(f * n_train) for f in fractions]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.8))
+    figure, axes = new_figure(1, 2, figsize=(9.0, 3.8))
+    left, right = axes[0]
     for name in ORDERS:
         label, color, marker = _STYLE[name]
         found = np.array([r.found[name][at] for r in results])
