@@ -16,8 +16,7 @@ too); building it uses influencekit.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,16 +73,12 @@ def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def atomic_save(payload: dict, path: Path) -> None:
-    """torch.save into a temporary file beside ``path``, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """torch.save through influencekit's one atomic writer (temporary file, fsync, rename)."""
+    from influencekit.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _train(seed: int = 0) -> tuple[nn.Module, dict]:

@@ -10,14 +10,18 @@ convex in the model output (cross-entropy, logistic, squared error, smooth hinge
 damping to be invertible where H is indefinite. G·v = Jᵀ(∇²_f ℓ (J v)) costs one forward-mode and
 one reverse-mode pass. Products A·v are exact (Pearlmutter's trick), by forward-over-reverse
 ``jvp(grad(f))`` or reverse-over-reverse ``vjp(grad(f))``, with a plain autograd loop as the last
-resort; a mode that fails falls back to the next. In ``"auto"`` mode blocks of fewer than 16
-vectors go reverse-over-reverse first (lower fixed cost per call: 1.5 ms vs 3.1 ms for one vector
-on a tiny model, measured on 2 CPU cores). For larger blocks neither mode wins everywhere (100
-vectors: forward-over-reverse 19 ms vs 28 ms on a 4.8k-parameter model, but 1.6 s vs 1.1 s on the
-85k-parameter benchmark MLP), so the first large block is formed both ways, timed, and the
-faster mode kept for the operator's life. Blocks of vectors ``V`` of shape ``(k, p)`` are
-multiplied at once with ``vmap``; the training data is visited in chunks, so memory does not grow
-with n.
+resort. In ``"auto"`` mode the order is fixed by rule: reverse-over-reverse first (on the
+85k-parameter benchmark MLP it forms 100 products in 1.1 s against forward-over-reverse's 1.6 s;
+on small models the two are within milliseconds), then forward-over-reverse, then the loop, each
+tried only when the previous one cannot transform the model (``is_transform_limitation``: a
+missing batching rule or derivative), never on a user's bug. The same inputs therefore always
+take the same path and give bit-identical products. ``"timed"`` instead forms the first large
+block both ways (synchronising the device around each), keeps the faster mode for the
+operator's life and records it in :attr:`HessianOperator.chosen_mode`; it can pick differently in
+another process, whose scores then differ by round-off. Blocks of vectors ``V`` of shape
+``(k, p)`` are multiplied at once with ``vmap``; the training data is visited in chunks, so
+memory does not grow with n. With a per-parameter weight decay (see
+:class:`~influencekit.objective.Objective`) the λ·I above is the diagonal diag(λ_j).
 """
 
 from __future__ import annotations
@@ -32,17 +36,52 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
+from . import arguments
 from .data import ExampleSet
-from .errors import OUT_OF_MEMORY
+from .errors import OUT_OF_MEMORY, DtypeError, InputTypeError, ShapeMismatchError
 from .gradients import GradientComputer
+from .transforms import first_line, is_transform_limitation, unsupported_second_derivatives
 
 logger = logging.getLogger(__name__)
 
-HVPMode = Literal["auto", "forward-over-reverse", "reverse-over-reverse", "loop"]
+HVPMode = Literal["auto", "timed", "forward-over-reverse", "reverse-over-reverse", "loop"]
 Curvature = Literal["hessian", "gauss-newton"]
 CURVATURES = ("hessian", "gauss-newton")
 _MODES = ("reverse-over-reverse", "forward-over-reverse", "loop")
+HVP_MODES = ("auto", "timed", *_MODES)
 SMALL_BLOCK = 16
+
+
+def as_rows(V: object, dim: int, dtype: torch.dtype, device: torch.device,
+            who: str) -> tuple[Tensor, bool]:
+    """Right-hand sides as a ``(k, p)`` block of rows in ``dtype`` on ``device``, and whether a
+    single ``(p,)`` vector was given.
+
+    Exactly ``(p,)`` or ``(k, p)`` is accepted. A ``(p, k)`` block (the column orientation of
+    scipy and curvlinops) and any other shape are refused, even where the size would reshape:
+    a silent reshape would mix entries of different right-hand sides. A right-hand side in a
+    higher precision than the model would be rounded; it is refused, not downcast.
+    """
+    if not isinstance(V, Tensor):
+        raise InputTypeError(f"{who}: right-hand sides must be a torch.Tensor of shape (k, "
+                               f"{dim}) or ({dim},), got {type(V).__name__}.")
+    shape = tuple(V.shape)
+    if not (V.ndim == 1 and shape == (dim,)) and not (V.ndim == 2 and shape[1] == dim):
+        hint = (" That is the column orientation (p, k) of scipy/curvlinops; influencekit "
+                "takes right-hand sides as rows, (k, p): pass V.T."
+                if V.ndim == 2 and shape[0] == dim else "")
+        raise ShapeMismatchError(
+            f"{who}: right-hand sides must have shape (k, {dim}) (one per row) or ({dim},) for "
+            f"the {dim} tracked parameters; got {shape}.{hint}")
+    if not V.is_floating_point():
+        raise DtypeError(f"{who}: right-hand sides must be floating point, got {V.dtype}.")
+    if torch.finfo(V.dtype).bits > torch.finfo(dtype).bits:
+        raise DtypeError(
+            f"{who}: the right-hand sides are {V.dtype} but the model computes in {dtype}; they "
+            f"would be rounded to {dtype}. Convert the model and data to {V.dtype} (e.g. "
+            f"model.double()) for a {V.dtype} solve, or pass V.to({dtype}) to accept {dtype}.")
+    rows = V.reshape(1, dim) if V.ndim == 1 else V
+    return rows.to(device=device, dtype=dtype), V.ndim == 1
 
 
 class HessianOperator:
@@ -54,7 +93,9 @@ class HessianOperator:
         theta: θ̂, shape ``(p,)``.
         damping: λ_d ≥ 0.
         chunk_size: training examples per forward/backward pass.
-        mode: how products are formed; ``"auto"`` picks by block size and falls back on failure.
+        mode: how products are formed (module docstring): ``"auto"`` (a fixed order by rule,
+            falling back only when a transform cannot handle the model), ``"timed"``, or one
+            mode.
         progress: show a progress bar over chunks for long passes (dense Hessian).
         curvature: ``"hessian"`` (exact) or ``"gauss-newton"``.
         max_vectors: vectors multiplied together per chunk (bounds memory, see ``matvec``).
@@ -64,23 +105,17 @@ class HessianOperator:
                  damping: float = 0.0, chunk_size: int = 256, mode: HVPMode = "auto",
                  progress: bool = False, curvature: Curvature = "hessian",
                  max_vectors: int = 128) -> None:
-        if mode != "auto" and mode not in _MODES:
-            raise ValueError(f"hvp mode must be 'auto' or one of {_MODES}, got {mode!r}.")
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
-        self.curvature = curvature
-        if not (isinstance(max_vectors, int) and max_vectors >= 1):
-            raise ValueError(f"max_vectors must be a positive integer, got {max_vectors!r}.")
-        self.max_vectors = max_vectors
+        self.mode = arguments.choice("hvp_mode", mode, HVP_MODES)
+        self.curvature = arguments.choice("curvature", curvature, CURVATURES)
+        self.max_vectors = arguments.positive_integer("max_vectors", max_vectors)
+        self.chunk_size = arguments.positive_integer("chunk_size", chunk_size)
+        self.damping = arguments.non_negative("damping", damping)
+        self.progress = arguments.flag("progress", progress)
         self.gradients = gradients
         self.data = data
         self.theta = theta.detach()
-        self.damping = float(damping)
-        self.chunk_size = int(chunk_size)
-        self.mode = mode
         self._failed_modes: set[str] = set()
-        self._large_block_mode: str | None = None  # "auto": measured on the first large block
-        self.progress = progress
+        self._large_block_mode: str | None = None  # "timed": measured on the first large block
         self.num_matvecs = 0
         self._grouped_vmap = True
         self._vectorized_ggn = True
@@ -103,9 +138,35 @@ class HessianOperator:
         return self.theta.device
 
     @property
-    def shift(self) -> float:
-        """λ + λ_d: the multiple of the identity added to the mean data Hessian."""
-        return self.gradients.objective.weight_decay + self.damping
+    def decay(self) -> float | Tensor:
+        """λ per coordinate: a float when uniform, else ``(p,)``."""
+        return self.gradients.decay
+
+    @property
+    def shift(self) -> float | Tensor:
+        """λ + λ_d: what is added to the mean data curvature along the diagonal (a float when
+        the weight decay is uniform, else ``(p,)``)."""
+        return self.gradients.decay + self.damping
+
+    @property
+    def min_shift(self) -> float:
+        """The smallest diagonal entry of λ + λ_d."""
+        shift = self.shift
+        return float(shift.min()) if isinstance(shift, Tensor) else float(shift)
+
+    @property
+    def chosen_mode(self) -> str:
+        """The product mode used for large blocks (``"timed"``: what was measured)."""
+        if self.mode not in ("auto", "timed"):
+            return self.mode
+        order = self._modes(SMALL_BLOCK)
+        return order[0] if order else "none"
+
+    def _add_shift(self, out: Tensor, V: Tensor) -> Tensor:
+        shift = self.shift
+        if isinstance(shift, Tensor):
+            return out.addcmul_(V, shift.expand_as(V) if V.ndim == 2 else shift)
+        return out.add_(V, alpha=shift)
 
     def matvec(self, V: Tensor) -> Tensor:
         """A·v for each row v of ``V`` (``(k, p)`` or ``(p,)``), over the whole training set.
@@ -113,18 +174,18 @@ class HessianOperator:
         The rows go through in blocks of at most ``max_vectors`` per pass over a chunk, so peak
         memory is bounded by ``max_vectors`` × ``chunk_size`` × the activations of one example.
         """
-        single = V.ndim == 1
+        rows, single = as_rows(V, self.dim, self.dtype, self.device, "HessianOperator.matvec")
         # rows must be contiguous: vmap over a transposed view (CG's (p, k) blocks) makes every
         # product strided, 25% slower on the benchmark MLP
-        V = V.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype).contiguous()
-        out = torch.zeros_like(V)
+        rows = rows.contiguous()
+        out = torch.zeros_like(rows)
         batches = self.data.batches(self.chunk_size, self.device, self.dtype)
         for _, X, y in batches:
-            for start in range(0, V.shape[0], self.max_vectors):
-                rows = slice(start, start + self.max_vectors)
-                out[rows] += self._data_hvp_sum(V[rows], X, y)
-        out = out.div_(self.normalizer).add_(V, alpha=self.shift)
-        self.num_matvecs += V.shape[0]
+            for start in range(0, rows.shape[0], self.max_vectors):
+                block = slice(start, start + self.max_vectors)
+                out[block] += self._data_hvp_sum(rows[block], X, y)
+        out = self._add_shift(out.div_(self.normalizer), rows)
+        self.num_matvecs += rows.shape[0]
         return out[0] if single else out
 
     def restricted(self, indices: Tensor) -> HessianOperator:
@@ -143,8 +204,8 @@ class HessianOperator:
                               self.max_vectors)
         sub.normalizer = self.normalizer
         sub._large_block_mode = self._large_block_mode
+        sub._failed_modes = set(self._failed_modes)
         return sub
-
     def curvature_weights(self, probes: int = 8, seed: int = 0) -> Tensor:
         """How much curvature each training example contributes, ``(n,)``:
 
@@ -213,7 +274,7 @@ class HessianOperator:
         return A
 
     def _modes(self, block: int) -> list[str]:
-        if self.mode != "auto":
+        if self.mode not in ("auto", "timed"):
             return [self.mode]
         order = list(_MODES)
         if block >= SMALL_BLOCK and self._large_block_mode in order:
@@ -222,50 +283,65 @@ class HessianOperator:
         return [m for m in order if m not in self._failed_modes]
 
     def _timed_choice(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
-        """Form one large block both ways, keep the faster mode; the product of the last one."""
+        """Form one large block both ways, keep the faster mode; the product of that mode."""
         timings: dict[str, float] = {}
         results: dict[str, Tensor] = {}
         for mode in ("forward-over-reverse", "reverse-over-reverse"):
+            if mode in self._failed_modes:
+                continue
+            _synchronize(self.device)
             start = time.perf_counter()
             try:
                 results[mode] = _HVP_BY_MODE[mode](self._batch_loss(X, y), self.theta, V)
             except OUT_OF_MEMORY:
                 raise
             except Exception as error:
-                logger.warning("Hessian-vector products by %s failed (%s: %s).", mode,
-                               type(error).__name__, str(error).splitlines()[0])
+                if not is_transform_limitation(error):
+                    raise
+                logger.warning("Hessian-vector products by %s are not available for this model "
+                               "(%s).", mode, first_line(error))
                 self._failed_modes.add(mode)
                 continue
+            _synchronize(self.device)
             timings[mode] = time.perf_counter() - start
         if not timings:
             self._large_block_mode = "loop"
-            return _HVP_BY_MODE["loop"](self._batch_loss(X, y), self.theta, V)
+            return self._products_in_order(V, X, y)
         self._large_block_mode = min(timings, key=timings.__getitem__)
-        logger.debug("Hessian-vector products of %d vectors: %s; using %s.", V.shape[0],
-                     timings, self._large_block_mode)
+        logger.info("Hessian-vector products of %d vectors: %s; using %s for this operator.",
+                    V.shape[0], {k: round(v, 4) for k, v in timings.items()},
+                    self._large_block_mode)
         return results[self._large_block_mode]
 
     def _data_hvp_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """Σ_{i in batch} C_i · v for each row v of V (no regulariser, no damping)."""
         if self.curvature == "gauss-newton":
             return self._data_ggn_sum(V, X, y)
-        if self.mode == "auto" and V.shape[0] >= SMALL_BLOCK and self._large_block_mode is None:
+        if self.mode == "timed" and V.shape[0] >= SMALL_BLOCK and self._large_block_mode is None:
             return self._timed_choice(V, X, y)
+        return self._products_in_order(V, X, y)
+
+    def _products_in_order(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
+        """Products by the first mode that can transform the model (module docstring)."""
         modes = self._modes(V.shape[0])
+        last_error: BaseException | None = None
         for position, mode in enumerate(modes):
             try:
                 return _HVP_BY_MODE[mode](self._batch_loss(X, y), self.theta, V)
             except OUT_OF_MEMORY:
                 raise  # a fallback would only be slower and fail again
             except Exception as error:
-                if position == len(modes) - 1:
-                    raise
-                logger.warning(
-                    "Hessian-vector products by %s failed (%s: %s); falling back to %s.",
-                    mode, type(error).__name__, str(error).splitlines()[0], modes[position + 1],
-                )
+                if not is_transform_limitation(error):
+                    raise  # the model's or the objective's own error: never retried or hidden
+                last_error = error
                 self._failed_modes.add(mode)
-        raise AssertionError("unreachable")
+                if position < len(modes) - 1:
+                    logger.warning("Hessian-vector products by %s are not available for this "
+                                   "model (%s); using %s.", mode, first_line(error),
+                                   modes[position + 1])
+        raise unsupported_second_derivatives(self.gradients.tracked.model,
+                                             last_error or RuntimeError("no product mode left"),
+                                             self.curvature)
 
     def _data_ggn_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """Σ_{i in batch} J_iᵀ ∇²_f ℓ_i J_i · v for each row v of V."""
@@ -275,14 +351,25 @@ class HessianOperator:
             except OUT_OF_MEMORY:
                 raise  # a fallback would only be slower and fail again
             except Exception as error:
-                logger.warning("Gauss-Newton products under vmap failed (%s: %s); looping over "
-                               "vectors.", type(error).__name__, str(error).splitlines()[0])
+                if not is_transform_limitation(error):
+                    raise
+                logger.warning("Gauss-Newton products under vmap are not available for this "
+                               "model (%s); looping over vectors.", first_line(error))
                 self._vectorized_ggn = False
-        return _gauss_newton_product(self.gradients, self.theta, V, X, y, _loop_map)
+        try:
+            return _gauss_newton_product(self.gradients, self.theta, V, X, y, _loop_map)
+        except OUT_OF_MEMORY:
+            raise
+        except Exception as error:
+            if is_transform_limitation(error):
+                raise unsupported_second_derivatives(self.gradients.tracked.model, error,
+                                                     self.curvature) from error
+            raise
 
     def _grouped_hvp_sum(self, V: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """``_data_hvp_sum`` for R groups at once (group r: vectors V[r], examples X[r])."""
-        mode = self._modes(V.shape[1])[0]
+        modes = self._modes(V.shape[1])
+        mode = modes[0] if modes else "loop"
         if self._grouped_vmap and mode != "loop":
             try:
                 if self.curvature == "gauss-newton":
@@ -293,8 +380,10 @@ class HessianOperator:
             except OUT_OF_MEMORY:
                 raise  # a fallback would only be slower and fail again
             except Exception as error:
-                logger.info("Grouped vmap of Hessian-vector products failed (%s); looping over "
-                            "groups.", type(error).__name__)
+                if not is_transform_limitation(error):
+                    raise
+                logger.info("Grouped vmap of curvature products is not available for this "
+                            "model (%s); looping over groups.", first_line(error))
                 self._grouped_vmap = False
         return torch.stack([self._data_hvp_sum(V[r], X[r], y[r]) for r in range(V.shape[0])])
 
@@ -334,6 +423,12 @@ def _probed_hessian_norms(loss: Callable[[Tensor, Tensor], Tensor], f: Tensor, y
         return vmap(lambda z: jvp(gradient, (f_i,), (z,))[1])(Z)
 
     return vmap(one)(f, y).flatten(2).pow(2).sum(2).mean(1).sqrt()
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _loop_map(function: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

@@ -8,6 +8,7 @@ shuffling loader is read in order), so score columns line up with the user's own
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,15 +18,27 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from torch.utils.data.dataloader import default_collate
 
-from .errors import EmptyDatasetError, NonFiniteError, ShapeMismatchError
+from . import arguments
+from .errors import (
+    EmptyDatasetError,
+    IndexOutOfRangeError,
+    InputTypeError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
 
 
 def _as_tensor(array: Any, what: str) -> Tensor:
     if isinstance(array, Tensor):
         return array
     if isinstance(array, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(array))
-    raise TypeError(f"{what} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}.")
+        try:
+            return torch.from_numpy(np.ascontiguousarray(array))
+        except TypeError as error:
+            raise InputTypeError(f"{what}: a NumPy array of dtype {array.dtype} has no tensor "
+                                 "equivalent; convert it to numbers first.") from error
+    raise InputTypeError(
+        f"{what} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}.")
 
 
 class ExampleSet:
@@ -49,7 +62,7 @@ class ExampleSet:
             self.name = name
         elif isinstance(data, DataLoader):
             if not isinstance(data.sampler, SequentialSampler | RandomSampler):
-                raise TypeError(
+                raise InputTypeError(
                     f"{name}: a DataLoader with sampler {type(data.sampler).__name__} selects "
                     "examples in a way influencekit cannot index. Pass a torch.utils.data.Subset "
                     "of the dataset instead (any shuffling is fine)."
@@ -70,7 +83,7 @@ class ExampleSet:
                 )
             self._tensors = (X, y)
         else:
-            raise TypeError(
+            raise InputTypeError(
                 f"{name} must be a pair (X, y) of tensors, a Dataset of (input, target) pairs or a "
                 f"DataLoader; got {type(data).__name__}."
             )
@@ -79,7 +92,7 @@ class ExampleSet:
         if self._dataset is not None:
             first = self._dataset[0]
             if not (isinstance(first, tuple | list) and len(first) == 2):
-                raise TypeError(
+                raise InputTypeError(
                     f"{name}: each item of the dataset must be an (input, target) pair; item 0 is "
                     f"a {type(first).__name__}."
                 )
@@ -101,12 +114,38 @@ class ExampleSet:
             return tuple(self._tensors[0].shape[1:])
         return tuple(torch.as_tensor(self._dataset[0][0]).shape)  # type: ignore[index]
 
+    def describe(self) -> str:
+        """``"n examples, inputs (n, ...), targets (n, ...)"`` for error messages."""
+        n = len(self)
+        if self._tensors is not None:
+            X, y = self._tensors
+            return f"{n} examples: inputs {tuple(X.shape)}, targets {tuple(y.shape)}"
+        x, t = self._dataset[0]  # type: ignore[index]
+        return (f"{n} examples: inputs ({n}, {', '.join(map(str, torch.as_tensor(x).shape))}), "
+                f"targets ({', '.join(map(str, (n, *torch.as_tensor(t).shape)))})")
+
+    def content_digest(self, chunk_size: int = 1024) -> str:
+        """SHA-256 over every example's input and target (shape, dtype and bytes), in order.
+
+        Streams the data in chunks for a Dataset or DataLoader, so nothing beyond a chunk is
+        held. Two sets with the same examples in the same order get the same digest.
+        """
+        hasher = hashlib.sha256()
+        hasher.update(str(len(self)).encode())
+        for _, X, y in self.batches(chunk_size):
+            for part in (X, y):
+                hasher.update(f"{tuple(part.shape[1:])}{part.dtype}".encode())
+                hasher.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                              .numpy().tobytes())
+        return hasher.hexdigest()
+
     def take(self, indices: Tensor | list[int], device: torch.device | None = None,
              dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """The examples at ``indices`` as a batch ``(X, y)`` with X ``(k, *input_shape)``."""
         idx = self._indices(indices)
         if not idx.numel():
-            raise ValueError(f"{self.name}: no indices given; pass at least one example index.")
+            raise EmptyDatasetError(
+                f"{self.name}: no indices given; pass at least one example index.")
         if self._tensors is not None:
             X, y = self._tensors
             cpu_idx = idx.to(X.device)
@@ -119,7 +158,11 @@ class ExampleSet:
         """Integer indices in [0, n) on the CPU, from integers (negative ones count from the
         end) or from a boolean mask of length n."""
         n = len(self)
-        idx = torch.as_tensor(indices).reshape(-1).cpu()
+        try:
+            idx = torch.as_tensor(indices).reshape(-1).cpu()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InputTypeError(f"{self.name}: indices must be integers or a boolean mask, got "
+                                 f"{type(indices).__name__} ({error}).") from error
         if not idx.numel():
             return idx.long()
         if idx.dtype == torch.bool:
@@ -129,11 +172,11 @@ class ExampleSet:
                     f"{idx.numel()}.")
             return torch.nonzero(idx).flatten()
         if idx.is_floating_point() or idx.is_complex():
-            raise TypeError(f"{self.name}: indices must be integers or a boolean mask, got "
-                            f"dtype {idx.dtype}.")
+            raise InputTypeError(f"{self.name}: indices must be integers or a boolean mask, "
+                                 f"got dtype {idx.dtype}.")
         idx = idx.long()
         if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise IndexError(
+            raise IndexOutOfRangeError(
                 f"{self.name}: indices must lie in [0, {n}) (or [-{n}, 0), counted from the end); "
                 f"got values from {int(idx.min())} to {int(idx.max())}."
             )
@@ -168,8 +211,7 @@ class ExampleSet:
 
         ``rows`` is the slice of example indices the batch holds.
         """
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        arguments.positive_integer("chunk_size", chunk_size)
         n = len(self)
         if self._tensors is not None:
             X, y = self._tensors
@@ -190,7 +232,8 @@ class ExampleSet:
 def _convert(batch: Any, device: torch.device | None, dtype: torch.dtype | None,
              name: str) -> tuple[Tensor, Tensor]:
     if not (isinstance(batch, tuple | list) and len(batch) == 2):
-        raise TypeError(f"{name}: a batch must be an (inputs, targets) pair, got {type(batch)}.")
+        raise InputTypeError(
+            f"{name}: a batch must be an (inputs, targets) pair, got {type(batch).__name__}.")
     X = _as_tensor(batch[0], f"{name}: inputs")
     y = _as_tensor(batch[1], f"{name}: targets")
     if dtype is not None:

@@ -1,8 +1,10 @@
 """Typed errors and warnings.
 
 Every message says what was expected, what was received, and how to fix it. Value problems
-(bad input) subclass ``ValueError``; problems found while computing (an indefinite Hessian, a
-diverging solver, a call before ``fit``) subclass ``RuntimeError``.
+(bad input) subclass ``ValueError`` (and ``TypeError`` or ``IndexError`` where that is what a
+caller would catch); problems found while computing (an indefinite Hessian, a diverging solver,
+a call before ``fit``) subclass ``RuntimeError``. Every error raised on purpose by influencekit is
+an :class:`InfluenceKitError`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,30 @@ class InputError(InfluenceKitError, ValueError):
     """Base class of errors about what the caller passed in."""
 
 
+class InvalidSettingError(InputError):
+    """An argument with a value outside its range (a negative size, an unknown option name)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong type (a bool where a number is expected, a list for a tensor)."""
+
+
+class DeviceMismatchError(InputError):
+    """A model whose parameters and buffers are not all on one device (or are on ``meta``)."""
+
+
 class ShapeMismatchError(InputError):
-    """Arrays whose shapes do not fit together (inputs vs targets, test vs train)."""
+    """Arrays whose shapes do not fit together (inputs vs targets, test vs train, (p, k) vs
+    (k, p) right-hand sides)."""
+
+
+class DtypeError(InputError, TypeError):
+    """A dtype influencekit cannot compute in (bfloat16, half) or would have to round silently
+    (a float64 right-hand side on a float32 model)."""
+
+
+class IndexOutOfRangeError(InputError, IndexError):
+    """A training or test index outside [-n, n)."""
 
 
 class ObjectiveMismatchError(InputError):
@@ -27,7 +51,7 @@ class ObjectiveMismatchError(InputError):
 
 
 class NonFiniteError(InputError):
-    """NaN or infinity in the data, the model output or the loss."""
+    """NaN or infinity in the data, the parameters, the model output or the loss."""
 
 
 class EmptyDatasetError(InputError):
@@ -42,16 +66,32 @@ class UnknownParameterError(InputError):
     """A parameter name (or prefix) that matches none of the model's parameters."""
 
 
+class CacheMismatchError(InputError):
+    """A cache file was made for another model, objective, parameter set, dtype or training set,
+    or holds an array of the wrong shape."""
+
+
+class UnsupportedModelError(InfluenceKitError, NotImplementedError):
+    """The model needs an operation torch cannot differentiate the way a solver needs (e.g. the
+    second derivative of ``nn.EmbeddingBag``); the message names the solvers that work."""
+
+
 class NotFittedError(InfluenceKitError, RuntimeError):
     """A method that needs ``fit()`` was called before it."""
 
 
+class StaleFitError(NotFittedError):
+    """The model's parameters or buffers changed after ``fit()``: the fitted state describes
+    another model. Call ``fit()`` again."""
+
+
 class IndefiniteHessianError(InfluenceKitError, RuntimeError):
-    """The damped Hessian is not positive definite, so H⁻¹ is not the influence the paper means."""
+    """The damped curvature is not positive definite (or is numerically singular), so its
+    inverse is not the influence the paper means."""
 
 
 class SolverDivergedError(InfluenceKitError, RuntimeError):
-    """An iterative solver produced NaN or grew without bound."""
+    """A solver produced NaN/inf or grew without bound."""
 
 
 #: errors that the vectorised-to-loop fallbacks must not swallow (they would fail again, slower)
@@ -60,3 +100,7 @@ OUT_OF_MEMORY: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemory
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped before reaching its tolerance."""
+
+
+class StationarityWarning(UserWarning):
+    """θ̂ is far from a stationary point of the objective that influence is taken for."""

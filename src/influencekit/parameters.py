@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import UnknownParameterError
+from .errors import DtypeError, UnknownParameterError
 
 
 def _matches(parameter_name: str, selector: str) -> bool:
@@ -78,7 +78,7 @@ class TrackedParameters:
         tracked = [named[n] for n in self.names]
         dtypes = {p.dtype for p in tracked}
         if len(dtypes) != 1:
-            raise TypeError(
+            raise DtypeError(
                 f"The tracked parameters have mixed dtypes {sorted(map(str, dtypes))}; convert the "
                 "model to one dtype first (e.g. model.double() or model.float())."
             )
@@ -88,6 +88,11 @@ class TrackedParameters:
         self.device = tracked[0].device
         tracked_names = set(self.names)
         self._constants = {n: p.detach() for n, p in named.items() if n not in tracked_names}
+
+    def named_tensors(self) -> list[tuple[str, Tensor]]:
+        """The tracked parameters as ``(name, tensor)`` pairs, in θ's order (live, not copies)."""
+        named = dict(self.model.named_parameters())
+        return [(n, named[n]) for n in self.names]
 
     @property
     def dim(self) -> int:

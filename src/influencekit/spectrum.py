@@ -1,14 +1,37 @@
 """Extreme eigenvalues of a symmetric operator from its matrix-vector products (Lanczos).
 
-Used to set LiSSA's scale and to diagnose curvature without forming the matrix.
+Used to set LiSSA's scale, to choose ``damping="auto"``, and to diagnose curvature without
+forming the matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from .linalg import orthonormal_columns
+
+
+@dataclass(frozen=True)
+class SpectrumEstimate:
+    """The extreme eigenvalues of the undamped curvature C (weight decay included), as far as
+    they are known.
+
+    Attributes:
+        low: the smallest eigenvalue, or an upper bound of it (a Ritz value).
+        high: the largest eigenvalue, or a lower bound of it.
+        method: how they were found (``"eigendecomposition"``, ``"Lanczos, 30 steps"``, ...).
+        exact: whether ``low`` and ``high`` are the eigenvalues themselves.
+    """
+
+    low: float
+    high: float
+    method: str
+    exact: bool
 
 
 def lanczos_ritz_values(matvec: Callable[[Tensor], Tensor], dim: int, num_iter: int = 30,
@@ -52,7 +75,7 @@ def lanczos_ritz_values(matvec: Callable[[Tensor], Tensor], dim: int, num_iter: 
 
 
 def krylov_eigenpairs(matvec: Callable[[Tensor], Tensor], start: Tensor,
-                      size: int) -> tuple[Tensor, Tensor]:
+                      size: int, progress: bool = False) -> tuple[Tensor, Tensor]:
     """Ritz pairs of a symmetric operator from a block Krylov space with full reorthogonalisation.
 
     The space grows from the rows of ``start`` (b, p) by repeated products, each block
@@ -63,28 +86,30 @@ def krylov_eigenpairs(matvec: Callable[[Tensor], Tensor], start: Tensor,
         matvec: maps ``(k, p)`` to ``(k, p)`` (rows are vectors).
         start: ``(b, p)`` starting block.
         size: the dimension m of the space (≤ p).
+        progress: show a progress bar over the products.
 
     Returns:
         Ritz values ``(m,)`` in ascending order (float64, from T formed in the dtype of
         ``start``) and Ritz vectors ``(m, p)`` (rows, in the dtype of ``start``).
     """
-    from .solvers.cg import _orthonormal_columns  # the rank-revealing orthonormaliser
-
     p = start.shape[1]
     Q = torch.empty(size, p, dtype=start.dtype, device=start.device)  # basis rows, filled in order
     AQ = torch.empty_like(Q)
-    block = _orthonormal_columns(start.T).T[:size]
+    block = orthonormal_columns(start.T).T[:size]
     total = 0
+    bar = tqdm(total=size, desc="Krylov vectors", leave=False, disable=not progress)
     while block.shape[0]:
         first, total = total, total + block.shape[0]
         Q[first:total] = block
         AQ[first:total] = matvec(block)
+        bar.update(block.shape[0])
         if total >= size:
             break
         W, basis = AQ[first:total], Q[:total]
         for _ in range(2):  # twice is enough in float32 (Kahan: "twice is enough")
             W = W - (W @ basis.T) @ basis
-        block = _orthonormal_columns(W.T).T[: size - total]
+        block = orthonormal_columns(W.T).T[: size - total]
+    bar.close()
     Q, AQ = Q[:total], AQ[:total]
     T = (Q @ AQ.T).double()  # in the operator's precision, which bounds the Ritz pairs anyway
     theta, S = torch.linalg.eigh(0.5 * (T + T.T))
