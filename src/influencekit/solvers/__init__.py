@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import UnknownSolverError
+from ..errors import InputTypeError, UnknownSolverError
 from .arnoldi import Arnoldi
-from .base import Solver, SolveReport
+from .base import ApproximateInverse, Solver, SolveReport
 from .cg import CG
 from .deflated import Deflated
 from .direct import Direct
@@ -26,6 +26,10 @@ def make_solver(spec: str | Solver) -> Solver:
         return spec.unprepared_copy()
     if isinstance(spec, str) and spec.lower() in SOLVERS:
         return SOLVERS[spec.lower()]()
+    if not isinstance(spec, str):
+        raise InputTypeError(
+            f"solver must be a name (one of {sorted(SOLVERS)}) or a solver object such as "
+            f"influencekit.CG(tol=1e-8); got {type(spec).__name__}.")
     raise UnknownSolverError(
         f"Unknown solver {spec!r}. Expected one of {sorted(SOLVERS)} or a solver object such as "
         "influencekit.solvers.CG(tol=1e-8)."
@@ -37,7 +41,9 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "SOLVERS",
+    "ApproximateInverse",
     "Arnoldi",
+    "Deflated",
     "Direct",
     "LiSSA",
     "SolveReport",

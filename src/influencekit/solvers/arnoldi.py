@@ -25,6 +25,13 @@ the peers' Arnoldi results (0.72–0.80) correspond to dropping the complement.
 
 Cost: m products with A (in blocks), an m×m eigendecomposition, and U (r×p) in memory; every
 later solve is two thin matrix products, so many queries cost almost nothing.
+
+The kept Ritz values must be positive: a value at or below round-off level means A is
+indefinite or singular along that direction, and its inverse would be wrong or infinite; that is
+refused with the damping that would clear it. The trace estimate of the remainder can come out
+below the damped weight decay λ + λ_d, a floor every eigenvalue of a positive semi-definite data
+curvature sits above (without weight decay or damping: 1e-6 of the smallest kept eigenvalue); it
+is then raised to that floor, and the report says so.
 """
 
 from __future__ import annotations
@@ -34,14 +41,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .. import arguments
 from ..curvature import HessianOperator
+from ..errors import IndefiniteHessianError, InvalidSettingError
 from ..spectrum import krylov_eigenpairs
-from .base import Solver, SolveReport
+from .base import ApproximateInverse
 
 Remainder = Literal["trace", "last", "none"]
 
 
-class Arnoldi(Solver):
+class Arnoldi(ApproximateInverse):
     """Low-rank (Lanczos/Arnoldi) inverse with the rest of the spectrum handled.
 
     Args:
@@ -52,31 +61,28 @@ class Arnoldi(Solver):
         probes: random vectors of the trace estimate (``remainder="trace"``).
         seed: seeds the start block and the probes.
         verify: report the true relative residual (one more batched product); else NaN.
+        tol: with ``verify``, the residual ``converged`` is judged by (``None``: not judged).
     """
 
     name = "arnoldi"
-    linear = True
 
     def __init__(self, rank: int = 50, iterations: int | None = None, block: int = 10,
                  remainder: Remainder = "last", probes: int = 10, seed: int = 0,
-                 verify: bool = False) -> None:
-        super().__init__()
-        if not (isinstance(rank, int) and rank >= 1):
-            raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-        if iterations is not None and iterations < rank:
-            raise ValueError(f"iterations ({iterations}) must be at least rank ({rank}).")
-        if remainder not in ("trace", "last", "none"):
-            raise ValueError(f"remainder must be 'trace', 'last' or 'none', got {remainder!r}.")
-        self.rank = rank
-        self.iterations = iterations
-        self.block = block
-        self.remainder = remainder
-        self.probes = probes
-        self.seed = seed
-        self.verify = verify
+                 verify: bool = False, tol: float | None = None) -> None:
+        super().__init__(verify=verify, tol=tol)
+        self.rank = arguments.positive_integer("rank", rank)
+        self.iterations = arguments.optional_positive_integer("iterations", iterations)
+        if self.iterations is not None and self.iterations < self.rank:
+            raise InvalidSettingError(
+                f"iterations ({self.iterations}) must be at least rank ({self.rank}).")
+        self.block = arguments.positive_integer("block", block)
+        self.remainder = arguments.choice("remainder", remainder, ("trace", "last", "none"))
+        self.probes = arguments.positive_integer("probes", probes)
+        self.seed = arguments.integer("seed", seed, minimum=0)
         self.eigenvalues_: Tensor | None = None
         self.eigenvectors_: Tensor | None = None
         self.sigma_: float = float("inf")
+        self._clamped_from: float | None = None
 
     def prepare(self, operator: HessianOperator) -> Arnoldi:
         super().prepare(operator)
@@ -87,12 +93,28 @@ class Arnoldi(Solver):
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(block, p, generator=generator, dtype=torch.float64)
         theta, vectors = krylov_eigenpairs(operator.matvec,
-                                           start.to(operator.device, operator.dtype), size)
+                                           start.to(operator.device, operator.dtype), size,
+                                           progress=self.progress)
         top = torch.argsort(theta, descending=True)[:rank]
         self.eigenvalues_ = theta[top].to(operator.dtype)
         self.eigenvectors_ = vectors[top]  # (r, p)
+        self._check_positive(theta)
         self.sigma_ = self._remainder_value(generator)
         return self
+
+    def _check_positive(self, theta: Tensor) -> None:
+        kept = self.eigenvalues_
+        floor = 10 * torch.finfo(self.operator.dtype).eps * float(theta.abs().max())
+        smallest = float(kept.min())
+        if smallest <= floor:
+            damping = self.operator.damping
+            needed = damping + max(-smallest, 0.0) * 2 + 10 * floor
+            raise IndefiniteHessianError(
+                f"Arnoldi kept a Ritz value {smallest:.3g} ≤ {floor:.3g} (round-off level) among "
+                f"its {kept.numel()} largest: the damped curvature is indefinite or singular "
+                f"along that direction, and inverting it would give wrong or infinite scores. "
+                f"Raise damping (now {damping:g}) to {needed:.2g} or more (or damping='auto'), "
+                "use curvature='gauss-newton', or keep fewer pairs (rank).")
 
     def _remainder_value(self, generator: torch.Generator) -> float:
         op = self.operator
@@ -105,7 +127,9 @@ class Arnoldi(Solver):
         probes = probes.to(op.device, op.dtype)
         trace = float((probes * op.matvec(probes)).sum(dim=1).mean())
         rest = (trace - float(self.eigenvalues_.sum())) / (p - r)
-        return max(rest, op.shift) if op.shift > 0 else max(rest, 1e-12)
+        floor = op.min_shift if op.min_shift > 0 else float(self.eigenvalues_[-1]) * 1e-6
+        self._clamped_from = rest if rest < floor else None
+        return max(rest, floor)
 
     def _apply(self, V: Tensor, power: float = 1.0) -> Tensor:
         U, theta = self.eigenvectors_, self.eigenvalues_
@@ -115,17 +139,19 @@ class Arnoldi(Solver):
             X = X + (V - coefficients @ U) / self.sigma_**power
         return X
 
-    def apply_inverse_sqrt(self, V: Tensor) -> Tensor:
-        return self._apply(V.to(device=self.operator.device, dtype=self.operator.dtype), 0.5)
+    def _apply_sqrt(self, V: Tensor) -> Tensor:
+        return self._apply(V, 0.5)
 
-    def _solve(self, V: Tensor) -> Tensor:
-        X = self._apply(V)
-        self.last_report = SolveReport(
-            solver=self.name,
-            relative_residual=self._relative_residual(X, V) if self.verify else float("nan"),
-            damping=self.operator.damping,
-            max_eigenvalue=float(self.eigenvalues_[0]),
-            details={"rank": int(self.eigenvalues_.numel()), "remainder_eigenvalue": self.sigma_,
-                     "smallest_kept_eigenvalue": float(self.eigenvalues_[-1])},
-        )
-        return X
+    def _details(self) -> dict[str, float]:
+        return {"rank": int(self.eigenvalues_.numel()), "remainder_eigenvalue": self.sigma_,
+                "smallest_kept_eigenvalue": float(self.eigenvalues_[-1])}
+
+    def _notes(self) -> tuple[str, ...]:
+        notes = super()._notes()
+        if self._clamped_from is not None:
+            notes += (f"trace estimate of the remainder {self._clamped_from:.3g} raised to the "
+                      f"floor {self.sigma_:.3g}",)
+        return notes
+
+    def _report_fields(self) -> dict[str, float]:
+        return {"max_eigenvalue": float(self.eigenvalues_[0])}

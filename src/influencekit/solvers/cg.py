@@ -25,22 +25,30 @@ Two variants, both forming the products A·P of a whole block in one batched pas
 - ``block=False``: one classic CG recurrence per right-hand side, batched.
 
 M is an optional preconditioner (another prepared solver whose ``solve`` approximates A⁻¹, e.g.
-``"ekfac"``). A right-hand side is done when ‖R_j‖/‖V_j‖ ≤ ``tol``; the reported residual is
-recomputed exactly. Non-positive curvature means A is not positive definite and is refused with
-advice.
+``"ekfac"``). A right-hand side is done when its recurrence residual ‖R_j‖/‖V_j‖ ≤ ``tol``; the
+reported residual is then recomputed as ‖A·X − V‖ (``verify=True``, the default), and
+``converged`` says whether that recomputed residual meets ``tol``. Non-positive curvature means
+A is not positive definite and is refused with advice.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from .. import arguments
 from ..curvature import HessianOperator
 from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedError
-from .base import Solver, SolveReport, _max_ratio
+from ..linalg import orthonormal_columns
+from .base import Solver, make_preconditioner, max_ratio
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -55,7 +63,9 @@ class CG(Solver):
         block: share one Krylov space across the right-hand sides (see the module docstring).
         preconditioner: ``None``, a solver name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``) or a
             solver object; it is prepared on the same operator and its ``solve`` is used as M.
-        verify: recompute the true residual ‖A·X − V‖ at the end (one more batched product).
+        verify: recompute the true residual ‖A·X − V‖ at the end (one more batched product);
+            ``converged`` is judged on it. ``False`` reports it as NaN and ``converged=None``
+            (the recurrence's estimate stays in ``details``).
         truncate: block CG searches only the residual's directions with singular value above
             ``truncate`` × tol (module docstring); 0 searches all of them. In [0, 1].
     """
@@ -66,35 +76,23 @@ class CG(Solver):
                  preconditioner: str | Solver | None = None, verify: bool = True,
                  truncate: float = 0.3) -> None:
         super().__init__()
-        if not 0 <= truncate <= 1:
-            raise ValueError(f"truncate must lie in [0, 1], got {truncate}.")
-        self.truncate = truncate
-        if tol is not None and not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol}.")
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be ≥ 1, got {max_iter}.")
-        self.tol = tol
-        self.max_iter = max_iter
-        self.block = block
+        self.tol = arguments.optional_positive("tol", tol)
+        self.max_iter = arguments.positive_integer("max_iter", max_iter)
+        self.block = arguments.flag("block", block)
+        self.verify = arguments.flag("verify", verify)
+        self.truncate = arguments.real("truncate", truncate, minimum=0.0, maximum=1.0)
+        make_preconditioner(preconditioner, "CG")  # checked now, prepared with the operator
         self.preconditioner = preconditioner
-        self.verify = verify
         self._precondition: Callable[[Tensor], Tensor] | None = None
         self._products = 0  # Hessian-vector products of the last solve
 
     def prepare(self, operator: HessianOperator) -> CG:
         super().prepare(operator)
         self._precondition = None
-        if self.preconditioner is not None:
-            from . import make_solver  # the registry imports this module
-
-            inner = make_solver(self.preconditioner)
-            if not inner.linear:
-                raise TypeError(
-                    f"{type(inner).__name__} is not a fixed linear map of its input and cannot "
-                    "serve as a preconditioner; use 'ekfac', 'kfac', 'arnoldi' or 'direct'."
-                )
-            inner.prepare(operator)
-            self._precondition = inner.apply_inverse
+        inner = make_preconditioner(self.preconditioner, "CG")
+        if inner is not None:
+            inner.progress = self.progress
+            self._precondition = inner.prepare(operator).apply_inverse
         return self
 
     def _tolerance(self) -> float:
@@ -105,33 +103,42 @@ class CG(Solver):
         solve = self._block_cg if self.block else self._independent_cg
         self._products = 0
         X, iterations, recurrence = solve(V, tol)
-        converged = recurrence <= tol
-        residual = self._relative_residual(X, V) if self.verify else recurrence
-        self.last_report = SolveReport(
-            solver=self.name, relative_residual=residual, iterations=iterations,
-            converged=converged, damping=self.operator.damping,
-            details={"tol": tol, "block": float(self.block),
-                     "preconditioned": float(self._precondition is not None),
-                     "products": float(self._products)},
-        )
-        self._warn(converged, residual, tol)
+        self._check_output(X)
+        residual = self._relative_residual(X, V) if self.verify else float("nan")
+        converged = residual <= tol if self.verify else None
+        details = {"block": float(self.block),
+                   "preconditioned": float(self._precondition is not None),
+                   "products": float(self._products), "recurrence_residual": recurrence}
+        self.last_report = self._report(
+            residual, converged, iterations=iterations, tolerance=tol, details=details,
+            notes=() if self.verify else ("residual not recomputed (verify=False); the "
+                                          "recurrence's estimate is in details",))
+        logger.info("CG: %d iterations, %d products, recurrence residual %.2e, recomputed "
+                    "residual %.2e (tol %g).", iterations, self._products, recurrence, residual,
+                    tol)
+        self._warn(recurrence <= tol, residual, tol)
         return X
 
-    def _warn(self, converged: bool, residual: float, tol: float) -> None:
-        if not converged:
+    def _warn(self, recurrence_converged: bool, residual: float, tol: float) -> None:
+        if not recurrence_converged:
             warnings.warn(
                 f"CG stopped at max_iter={self.max_iter} with relative residual {residual:.2e} "
                 f"above tol={tol:g}. Raise max_iter, add damping (faster convergence), use a "
                 "preconditioner (preconditioner='ekfac'), or accept the looser solve.",
                 ConvergenceWarning, stacklevel=4,
             )
-        elif residual > 100 * tol:
+        elif residual > tol:
             warnings.warn(
                 f"CG's recurrence reached tol={tol:g}, but the recomputed relative residual is "
-                f"{residual:.2e}: the system is ill-conditioned for {self.operator.dtype}. Use "
-                "float64 or more damping.",
+                f"{residual:.2e}, so the solve is reported as not converged: the system is "
+                f"ill-conditioned for {self.operator.dtype}. Use float64, more damping, or a "
+                "looser tol.",
                 ConvergenceWarning, stacklevel=4,
             )
+
+    def _progress_bar(self, description: str) -> tqdm:
+        return tqdm(total=self.max_iter, desc=description, leave=False,
+                    disable=not self.progress)
 
     def _apply_m(self, R: Tensor) -> Tensor:
         return R if self._precondition is None else self._precondition(R)
@@ -139,7 +146,6 @@ class CG(Solver):
     # --------------------------------------------------------------- block CG (Ji & Li 2017)
 
     def _block_cg(self, V: Tensor, tol: float) -> tuple[Tensor, int, float]:
-        op = self.operator
         B = V.T  # (p, k): columns are right-hand sides
         v_norm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
         X = torch.zeros_like(B)
@@ -147,29 +153,47 @@ class CG(Solver):
         ratio = float((R.norm(dim=0) / v_norm).max())
         if ratio <= tol:
             return X.T, 0, ratio
-        P = _orthonormal_columns(self._apply_m(self._search_space(R, v_norm, tol).T).T)
+        P = orthonormal_columns(self._apply_m(self._search_space(R, v_norm, tol).T).T)
         iterations = 0
-        while iterations < self.max_iter:
-            iterations += 1
-            Q = op.matvec(P.T).T
-            self._products += P.shape[1]
-            PtQ = (P.T @ Q).double()
-            PtQ = 0.5 * (PtQ + PtQ.T)
-            _check_curvature(PtQ, iterations, op.damping)
-            alpha = torch.linalg.solve(PtQ, (P.T @ R).double()).to(B.dtype)
-            X.addmm_(P, alpha)
-            R.addmm_(Q, alpha, alpha=-1.0)
-            ratio = float((R.norm(dim=0) / v_norm).max())
-            if not torch.isfinite(torch.tensor(ratio)):
-                raise SolverDivergedError(_nan_message(iterations))
-            if ratio <= tol:
-                break
-            Z = self._apply_m(self._search_space(R, v_norm, tol).T).T
-            beta = torch.linalg.solve(PtQ, (Q.T @ Z).double()).to(B.dtype)
-            P = _orthonormal_columns(Z.addmm_(P, beta, alpha=-1.0))
-            if P.shape[1] == 0:
-                break
+        with self._progress_bar("block CG iterations") as bar:
+            while iterations < self.max_iter:
+                iterations += 1
+                ratio = self._block_step(B, X, R, P, v_norm, iterations)
+                bar.update(1)
+                bar.set_postfix(residual=f"{ratio:.1e}", directions=P.shape[1])
+                logger.debug("block CG iteration %d: %d directions, residual %.3e", iterations,
+                             P.shape[1], ratio)
+                if ratio <= tol:
+                    break
+                P = self._next_directions(R, v_norm, tol)
+                if P.shape[1] == 0:
+                    break
         return X.T, iterations, ratio
+
+    def _block_step(self, B: Tensor, X: Tensor, R: Tensor, P: Tensor, v_norm: Tensor,
+                    iteration: int) -> float:
+        """One block CG update of X and R (in place) along the directions P; the new ratio."""
+        op = self.operator
+        Q = op.matvec(P.T).T
+        self._products += P.shape[1]
+        PtQ = (P.T @ Q).double()
+        PtQ = 0.5 * (PtQ + PtQ.T)
+        _check_curvature(PtQ, iteration, op.damping)
+        alpha = torch.linalg.solve(PtQ, (P.T @ R).double()).to(B.dtype)
+        X.addmm_(P, alpha)
+        R.addmm_(Q, alpha, alpha=-1.0)
+        ratio = float((R.norm(dim=0) / v_norm).max())
+        if not math.isfinite(ratio):
+            raise SolverDivergedError(_nan_message(iteration))
+        self._last_block = (P, Q, PtQ)
+        return ratio
+
+    def _next_directions(self, R: Tensor, v_norm: Tensor, tol: float) -> Tensor:
+        """P = orth(Z − P·(PᵀQ)⁻¹QᵀZ) with Z = M·S(R) (module docstring)."""
+        P, Q, PtQ = self._last_block
+        Z = self._apply_m(self._search_space(R, v_norm, tol).T).T
+        beta = torch.linalg.solve(PtQ, (Q.T @ Z).double()).to(Z.dtype)
+        return orthonormal_columns(Z.addmm_(P, beta, alpha=-1.0))
 
     def _search_space(self, R: Tensor, v_norm: Tensor, tol: float) -> Tensor:
         """S(R): the column-scaled residual N = R·diag(‖v_j‖)⁻¹, ``(p, k)``, restricted to its
@@ -196,8 +220,11 @@ class CG(Solver):
         v_norm = V.norm(dim=1)
         active = torch.nonzero(R.norm(dim=1) > tol * v_norm).flatten()
         iterations = 0
+        bar = self._progress_bar("CG iterations")
         while active.numel() and iterations < self.max_iter:
             iterations += 1
+            bar.update(1)
+            bar.set_postfix(active=int(active.numel()))
             P_a = P[active]
             AP = op.matvec(P_a)
             self._products += P_a.shape[0]
@@ -216,24 +243,9 @@ class CG(Solver):
             P[active] = Z_a + beta[:, None] * P_a
             rz[active] = rz_new
             active = active[R[active].norm(dim=1) > tol * v_norm[active]]
-        ratio = _max_ratio(R, V) if V.numel() else 0.0
+        bar.close()
+        ratio = max_ratio(R, V) if V.numel() else 0.0
         return X, iterations, ratio
-
-
-def _orthonormal_columns(Z: Tensor, relative_floor: float | None = None) -> Tensor:
-    """An orthonormal basis of the columns of Z (p, k), dropping numerically dependent ones.
-
-    A thin QR in Z's own precision; a column whose |R_jj| falls below ``relative_floor`` × the
-    largest (default 1e-10 in float64, 1e-5 in lower precisions) adds nothing new and is dropped.
-    """
-    if Z.shape[1] == 0:
-        return Z
-    if relative_floor is None:
-        relative_floor = 1e-10 if Z.dtype == torch.float64 else 1e-5
-    Q, R = torch.linalg.qr(Z)
-    diagonal = R.diagonal().abs()
-    keep = diagonal > relative_floor * diagonal.max().clamp_min(torch.finfo(Z.dtype).tiny)
-    return Q if bool(keep.all()) else Q[:, keep]  # a column gather copies the whole block
 
 
 def _check_curvature(PtQ: Tensor, iteration: int, damping: float) -> None:

@@ -21,6 +21,11 @@ most examples are fitted confidently and add almost nothing to the Hessian (on t
 the 300 of 1,257 with the largest weights carry 91% of the total weight). There the run gets
 four times cheaper and preconditions as well: block CG (tol 2e-4) needs 596 Hessian-vector
 products after a Lanczos run on 300 examples, 593 after one on all 1,257.
+
+B's eigenvalues are positive exactly when A is positive definite. A Ritz value at or below
+round-off level therefore means A is indefinite (or singular) and is refused with the damping
+that would clear it, rather than dropped; a base whose square root is not finite (a singular
+K-FAC without damping) is refused too.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import arguments
 from ..curvature import HessianOperator
+from ..errors import IndefiniteHessianError, InputTypeError, InvalidSettingError
 from ..spectrum import krylov_eigenpairs
-from .base import Solver, SolveReport
+from .base import ApproximateInverse, Solver
 
 
-class Deflated(Solver):
+class Deflated(ApproximateInverse):
     """M^½ [I + U(Θ⁻¹ − I)Uᵀ] M^½ for a base approximate inverse M (module docstring).
 
     Args:
@@ -45,35 +52,46 @@ class Deflated(Solver):
         verify: report the true relative residual (one more batched product); else NaN.
         subset: if set, run Lanczos on the damped curvature of only the ``subset`` training
             examples with the largest curvature weights (module docstring); ``None``: all.
+        tol: with ``verify``, the residual ``converged`` is judged by (``None``: not judged).
     """
 
     name = "deflated"
-    linear = True
 
     def __init__(self, base: str | Solver = "ekfac", rank: int = 40, iterations: int = 100,
                  block: int = 10, seed: int = 0, verify: bool = False,
-                 subset: int | None = None) -> None:
-        super().__init__()
-        if subset is not None and not (isinstance(subset, int) and subset >= 1):
-            raise ValueError(f"subset must be a positive number of training examples or None, "
-                             f"got {subset!r}.")
-        self.subset = subset
-        if not (isinstance(rank, int) and 1 <= rank <= iterations):
-            raise ValueError(f"rank must be an integer in [1, iterations={iterations}], got "
-                             f"{rank!r}.")
+                 subset: int | None = None, tol: float | None = None) -> None:
+        super().__init__(verify=verify, tol=tol)
+        self.subset = arguments.optional_positive_integer("subset", subset)
+        self.iterations = arguments.positive_integer("iterations", iterations)
+        self.rank = arguments.positive_integer("rank", rank)
+        if self.rank > self.iterations:
+            raise InvalidSettingError(f"rank must be an integer in [1, iterations="
+                                      f"{self.iterations}], got {rank!r}.")
+        self.block = arguments.positive_integer("block", block)
+        self.seed = arguments.integer("seed", seed, minimum=0)
+        from . import make_solver  # the registry imports this module
+
+        candidate = make_solver(base)
+        if not candidate.has_inverse_sqrt:
+            raise InputTypeError(
+                f"Deflated needs a base with a symmetric square root of its inverse; "
+                f"{type(candidate).__name__} keeps no eigenbasis. Use 'ekfac', 'kfac', "
+                "'arnoldi' or 'direct' as the base.")
         self.base = base
-        self.rank = rank
-        self.iterations = iterations
-        self.block = block
-        self.seed = seed
-        self.verify = verify
         self.ritz_values_: Tensor | None = None
+
+    @property
+    def curvature(self) -> str:
+        """The operator's: the deflated directions are exact for A, the rest follows the base."""
+        return self.operator.curvature
 
     def prepare(self, operator: HessianOperator) -> Deflated:
         super().prepare(operator)
         from . import make_solver  # the registry imports this module
 
-        self._base = make_solver(self.base).prepare(operator)
+        self._base = make_solver(self.base)
+        self._base.progress = self.progress
+        self._base.prepare(operator)
         root = self._base.apply_inverse_sqrt
         krylov_operator = operator
         if self.subset is not None and self.subset < operator.num_train:
@@ -83,9 +101,14 @@ class Deflated(Solver):
         start = torch.randn(min(self.block, self.iterations), operator.dim, generator=generator)
         theta, vectors = krylov_eigenpairs(lambda V: root(krylov_operator.matvec(root(V))),
                                            start.to(operator.device, operator.dtype),
-                                           min(self.iterations, operator.dim))
-        positive = theta > 0
-        theta, vectors = theta[positive], vectors[positive]
+                                           min(self.iterations, operator.dim),
+                                           progress=self.progress)
+        if not (bool(torch.isfinite(theta).all()) and bool(torch.isfinite(vectors).all())):
+            raise IndefiniteHessianError(
+                f"Deflated: the base {self._base.name}'s square root produced NaN/inf, so its "
+                f"inverse is singular. Raise damping (now {operator.damping:g}) or add weight "
+                "decay.")
+        self._check_positive(theta)
         worst = torch.argsort(theta.log().abs(), descending=True)[: self.rank]
         self.ritz_values_ = theta.to(operator.dtype)
         self._theta = theta[worst].to(operator.dtype)
@@ -94,18 +117,32 @@ class Deflated(Solver):
         self._D = 1.0 / self._theta - 1.0
         return self
 
+    def _check_positive(self, theta: Tensor) -> None:
+        floor = 10 * torch.finfo(self.operator.dtype).eps * float(theta.abs().max())
+        smallest = float(theta.min())
+        if smallest <= floor:
+            raise IndefiniteHessianError(
+                f"Deflated: the preconditioned curvature M^½ A M^½ has a Ritz value "
+                f"{smallest:.3g} ≤ {floor:.3g} (round-off level), so A is indefinite or "
+                f"singular and its inverse would be wrong. Raise damping (now "
+                f"{self.operator.damping:g}; damping='auto' picks one), or use "
+                "curvature='gauss-newton'.")
+
     def _apply(self, V: Tensor) -> Tensor:
         return self._base.apply_inverse(V) + ((V @ self._Z.T) * self._D) @ self._Z
 
-    def _solve(self, V: Tensor) -> Tensor:
-        X = self._apply(V)
+    def _notes(self) -> tuple[str, ...]:
+        notes = super()._notes()
+        if self._base.curvature != self.operator.curvature:
+            notes += (f"outside the {self._theta.numel()} deflated directions the base "
+                      f"{self._base.name} approximates the {self._base.curvature} matrix",)
+        return notes
+
+    def _report_fields(self) -> dict[str, str]:
+        return {"solver": f"{self.name}({self._base.name})"}
+
+    def _details(self) -> dict[str, float]:
         spectrum = self.ritz_values_
-        self.last_report = SolveReport(
-            solver=f"{self.name}({self._base.name})",
-            relative_residual=self._relative_residual(X, V) if self.verify else float("nan"),
-            damping=self.operator.damping,
-            details={"deflated": int(self._theta.numel()),
-                     "preconditioned_min": float(spectrum.min()),
-                     "preconditioned_max": float(spectrum.max())},
-        )
-        return X
+        return {"deflated": int(self._theta.numel()),
+                "preconditioned_min": float(spectrum.min()),
+                "preconditioned_max": float(spectrum.max())}

@@ -44,7 +44,15 @@ Frobenius-closest diagonal in that basis — so EK-FAC is never farther from G t
 Layers are independent blocks (block-diagonal G). Tracked parameters outside supported layers
 (other module types, grouped or ``padding="same"`` convolutions, a bias tracked without its
 weight) fall back to the exact diagonal of G, (1/n) Σ_{i,c} (J_iᵀ L_ic)², with a log message.
-Both solvers approximate the Gauss-Newton matrix whatever the Influence's ``curvature``.
+Both solvers approximate the Gauss-Newton matrix whatever the Influence's ``curvature``; their
+reports say so (``curvature="gauss-newton"`` and a note when the operator's is the Hessian).
+
+The damping δ = λ + λ_d is added in the eigenbasis. With a weight decay that differs between a
+layer's weight and its bias (``weight_decay={"": λ, "bias": 0}``), diag(λ) is not diagonal in
+that basis; its diagonal there, δ_jk = λ_d + Σ_i (Q_A)_ik² λ_i (λ_i that of input column i, the
+bias column last), is used: exact when λ is uniform, and the Frobenius-nearest diagonal otherwise.
+With neither weight decay nor damping, K-FAC's factors are often singular (a dead unit, a
+constant input); that is refused with the setting to change rather than returning inf.
 """
 
 from __future__ import annotations
@@ -58,8 +66,11 @@ from torch import Tensor, nn
 from torch.func import grad, hessian, vmap
 from tqdm.auto import tqdm
 
+from .. import arguments
 from ..curvature import HessianOperator
-from .base import Solver, SolveReport
+from ..errors import IndefiniteHessianError
+from ..spectrum import SpectrumEstimate
+from .base import ApproximateInverse
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +89,7 @@ class _Block:
     Q_A: Tensor | None = None
     Q_S: Tensor | None = None
     scale: Tensor | None = None  # (out, in): λ_S λ_Aᵀ for K-FAC, Λ* for EK-FAC
+    decay: Tensor | float = 0.0  # (1, in): the weight decay's diagonal in the eigenbasis
     captured: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -96,7 +108,7 @@ def _supported(module: nn.Module) -> bool:
             and module.padding_mode == "zeros" and not isinstance(module.padding, str))
 
 
-class KFAC(Solver):
+class KFAC(ApproximateInverse):
     """Kronecker-factored Gauss-Newton inverse (K-FAC / KFC), exact-expectation factors.
 
     Args:
@@ -108,30 +120,81 @@ class KFAC(Solver):
             nearest Kronecker product (see the module docstring); each is one more pass over the
             training data. The default 1 fits A to K-FAC's S; 0 keeps the expectation factors of
             Martens & Grosse (the published K-FAC and EK-FAC).
+        tol: with ``verify``, the residual ``converged`` is judged by (``None``: not judged).
     """
 
     name = "kfac"
-    linear = True
     eigenvalue_correction = False
 
     def __init__(self, chunk_size: int | None = None, progress: bool = False,
-                 verify: bool = False, refine: int = 1) -> None:
-        super().__init__()
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise ValueError(f"refine must be a non-negative integer (the number of "
-                             f"least-squares steps on the factors), got {refine!r}.")
-        self.refine = refine
-        self.chunk_size = chunk_size
-        self.progress = progress
-        self.verify = verify
+                 verify: bool = False, refine: int = 1, tol: float | None = None) -> None:
+        super().__init__(verify=verify, tol=tol)
+        self.refine = arguments.integer("refine", refine, minimum=0)  # least-squares steps
+        self.chunk_size = arguments.optional_positive_integer("chunk_size", chunk_size)
+        self.progress = arguments.flag("progress", progress)
         self.blocks_: list[_Block] = []
         self.fallback_: Tensor | None = None  # indices into θ
         self.fallback_diagonal_: Tensor | None = None
+        self._fitted_for: HessianOperator | None = None
+
+    @property
+    def curvature(self) -> str:
+        return "gauss-newton"
+
+    def unprepared_copy(self) -> KFAC:
+        duplicate = super().unprepared_copy()
+        duplicate._fitted_for = None
+        duplicate.blocks_ = []
+        duplicate.fallback_ = duplicate.fallback_diagonal_ = None
+        return duplicate
 
     # ----------------------------------------------------------------- preparation
 
     def prepare(self, operator: HessianOperator) -> KFAC:
         super().prepare(operator)
+        self._fit(operator)
+        self._check_invertible()
+        return self
+
+    def spectrum_estimate(self, operator: HessianOperator) -> SpectrumEstimate:
+        """The extreme eigenvalues of the Kronecker-factored Gauss-Newton approximation (with
+        the weight decay), from its factors (which ``prepare`` then reuses)."""
+        self._fit(operator)
+        low, high = self._eigenvalue_range(damping=0.0)
+        return SpectrumEstimate(low, high, f"{self.name} factors", False)
+
+    def _eigenvalue_range(self, damping: float) -> tuple[float, float]:
+        lows, highs = [], []
+        for block in self.blocks_:
+            values = block.scale + block.decay + damping
+            lows.append(float(values.min()))
+            highs.append(float(values.max()))
+        if self.fallback_ is not None and self.fallback_.numel():
+            values = self.fallback_diagonal_ + self._fallback_decay() + damping
+            lows.append(float(values.min()))
+            highs.append(float(values.max()))
+        return (min(lows), max(highs)) if lows else (damping, damping)
+
+    def _check_invertible(self) -> None:
+        """Refuse a singular approximation: some eigenvalue S⊗A + λ + λ_d at round-off level."""
+        low, high = self._eigenvalue_range(self.operator.damping)
+        floor = torch.finfo(self.operator.dtype).eps * max(high, 1e-300)
+        if low <= floor:
+            raise IndefiniteHessianError(
+                f"{type(self).__name__}'s Kronecker-factored Gauss-Newton approximation is "
+                f"singular: its smallest eigenvalue is {low:.3g} (largest {high:.3g}) with weight "
+                f"decay {_describe_decay(self.operator.decay)} and damping "
+                f"{self.operator.damping:g}, so its inverse would be infinite. Set damping > 0 "
+                f"(e.g. damping={max(1e-3 * high, 1e-8):.2g}, or damping='auto'), or a weight "
+                "decay > 0."
+            )
+
+    def _fit(self, operator: HessianOperator) -> None:
+        """Factors, eigenbases and (EK-FAC) corrected eigenvalues: computed once per operator;
+        none of them depends on the damping."""
+        if self._fitted_for is operator:
+            return
+        self._operator = operator
         tracked = operator.gradients.tracked
         offsets = _offsets(tracked.names, tracked.numels)
         self.blocks_, covered = self._find_blocks(tracked.model, offsets)
@@ -147,9 +210,26 @@ class KFAC(Solver):
         self._eigendecompose()
         if self.eigenvalue_correction:
             self._correct_eigenvalues()
+        self._rotate_decay()
         if rest:
             self._fallback_diagonal()
-        return self
+        self._fitted_for = operator
+
+    def _rotate_decay(self) -> None:
+        """Each block's weight decay as its diagonal in the eigenbasis, (1, in) (or a float)."""
+        decay = self.operator.decay
+        for block in self.blocks_:
+            if not isinstance(decay, Tensor):
+                block.decay = float(decay)
+                continue
+            weight = decay[block.weight].reshape(block.out_features, -1)[0]
+            columns = weight if block.bias is None else torch.cat(
+                [weight, decay[block.bias][:1]])
+            block.decay = ((block.Q_A.pow(2) * columns[:, None]).sum(dim=0))[None, :]
+
+    def _fallback_decay(self) -> Tensor | float:
+        decay = self.operator.decay
+        return decay[self.fallback_] if isinstance(decay, Tensor) else float(decay)
 
     def _find_blocks(self, model: nn.Module,
                      offsets: dict[str, slice]) -> tuple[list[_Block], set[str]]:
@@ -339,12 +419,12 @@ class KFAC(Solver):
 
     # ----------------------------------------------------------------- solving
 
-    def apply_inverse_sqrt(self, V: Tensor) -> Tensor:
-        return self._apply(V.to(device=self.operator.device, dtype=self.operator.dtype), 0.5)
+    def _apply_sqrt(self, V: Tensor) -> Tensor:
+        return self._apply(V, 0.5)
 
     def _apply(self, V: Tensor, power: float = 1.0) -> Tensor:
         """(G̃ + δI)^(−power) V in each layer's eigenbasis (power 1: the inverse, ½: its root)."""
-        shift = self.operator.shift
+        damping = self.operator.damping
         out = torch.empty_like(V)
         k = V.shape[0]
         for block in self.blocks_:
@@ -352,26 +432,27 @@ class KFAC(Solver):
             if block.bias is not None:
                 W = torch.cat([W, V[:, block.bias].reshape(k, block.out_features, 1)], dim=2)
             rotated = block.Q_S.T @ W @ block.Q_A
-            W = block.Q_S @ (rotated / (block.scale + shift) ** power) @ block.Q_A.T
+            denominator = (block.scale + block.decay + damping) ** power
+            W = block.Q_S @ (rotated / denominator) @ block.Q_A.T
             if block.bias is not None:
                 out[:, block.bias] = W[:, :, -1]
                 W = W[:, :, :-1]
             out[:, block.weight] = W.reshape(k, -1)
         if self.fallback_ is not None and self.fallback_.numel():
+            shift = self._fallback_decay() + damping
             out[:, self.fallback_] = (V[:, self.fallback_]
                                       / (self.fallback_diagonal_ + shift) ** power)
         return out
 
-    def _solve(self, V: Tensor) -> Tensor:
-        X = self._apply(V)
-        self.last_report = SolveReport(
-            solver=self.name,
-            relative_residual=self._relative_residual(X, V) if self.verify else float("nan"),
-            damping=self.operator.damping,
-            details={"layers": len(self.blocks_), "refine": self.refine,
-                     "fallback_parameters": int(self.fallback_.numel())},
-        )
-        return X
+    def _details(self) -> dict[str, float]:
+        return {"layers": len(self.blocks_), "refine": self.refine,
+                "fallback_parameters": int(self.fallback_.numel())}
+
+
+def _describe_decay(decay: float | Tensor) -> str:
+    if isinstance(decay, Tensor):
+        return f"from {float(decay.min()):g} to {float(decay.max()):g}"
+    return f"{decay:g}"
 
 
 class EKFAC(KFAC):

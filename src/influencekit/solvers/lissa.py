@@ -1,112 +1,134 @@
 """LiSSA: the stochastic Neumann-series recursion of Agarwal et al. (2016), as Koh & Liang used it.
 
 For each right-hand side v, starting from s₀ = v, with a fresh mini-batch A_j of the damped
-Hessian at every step:
+curvature at every step:
 
     s_j = v + (1 − d)·s_{j−1} − A_j·s_{j−1} / scale,        j = 1 … depth,
 
 then the estimate is s_depth / scale, averaged over ``repeats`` independent runs. Its fixed point
-is (A + scale·d·I)⁻¹ v: the solver's own damping d adds scale·d to the Influence damping λ_d
-(d = 0 by default, so all solvers answer the same question). The recursion converges only if the
-eigenvalues of (A + scale·d·I)/scale lie in (0, 2); by default ``scale`` is set from a Lanczos
+is x = (A + scale·d·I)⁻¹ v: the solver's own damping d adds c = scale·d to the Influence damping
+λ_d (d = 0 by default, so all solvers answer the same question). The recursion converges only if
+the eigenvalues of (A + c·I)/scale lie in (0, 2); by default ``scale`` is set from a Lanczos
 estimate of the largest eigenvalue of A and of its mini-batch versions, so that it does.
 
 Its error shrinks like (1 − μ_min/scale)^j: with a condition number of 10⁴ (damping 1e-3 on a
 network) that takes tens of thousands of steps. With a ``preconditioner`` M ≈ A⁻¹ (a linear
-solver such as ``"ekfac"``) the same recursion runs on the equivalent system M A x = M v,
+solver such as ``"ekfac"``) the recursion runs on the equivalent system M (A + c·I) x = M v,
 
-    s₀ = M v,   s_j = M v + (1 − d)·s_{j−1} − M A_j s_{j−1} / scale,
+    s₀ = M v,   s_j = M v + s_{j−1} − M (A_j + c·I) s_{j−1} / scale,
 
-whose fixed point is unchanged while the rate is set by the eigenvalues of M A, which cluster near
-1; ``scale`` is then estimated by power iteration on M A.
+which reduces to the plain recursion for M = I and has the same fixed point, (A + c·I)⁻¹ v, for
+every M: the damping is applied inside M, never as c·M⁻¹. The rate is set by the eigenvalues of
+M (A + c·I), which cluster near 1. By default ``scale`` = 1.2 μ / (1 − 1.2·d·m), with μ the
+largest eigenvalue of M·A (power iteration, over the full data and mini-batches) and m that of M:
+then M(A + scale·d·I)/scale, whose eigenvalues are at most (μ + scale·d·m)/scale, stays below
+1/1.2. That needs 1.2·d·m < 1; a larger d is refused (M ≈ A⁻¹ makes m as large as 1/λ_min(A)).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from .. import arguments
 from ..curvature import HessianOperator
-from ..errors import ConvergenceWarning, SolverDivergedError
+from ..errors import ConvergenceWarning, InvalidSettingError, SolverDivergedError
 from ..spectrum import lanczos_ritz_values
-from .base import Solver, SolveReport, _max_ratio
+from .base import Solver, make_preconditioner, max_ratio
+
+logger = logging.getLogger(__name__)
 
 
 class LiSSA(Solver):
     """Stochastic inverse-HVP by the LiSSA recursion.
 
     Args:
-        scale: divides the Hessian in the recursion; must exceed λ_max(A)/2 for every mini-batch.
-            ``None``: 1.2 × the largest eigenvalue estimated over the full Hessian and a few
-            mini-batch Hessians.
+        scale: divides the curvature in the recursion; must exceed λ_max(A + c·I)/2 for every
+            mini-batch (with a preconditioner: of M(A + c·I)). ``None``: estimated (module
+            docstring).
         depth: recursion steps per run (the error shrinks like (1 − μ_min/scale)^depth).
         repeats: independent runs averaged.
         batch_size: training examples per stochastic Hessian-vector product, drawn with
             replacement; ``batch_size ≥ n`` uses every training point at every step (then the
             recursion is deterministic and ``repeats`` is 1).
-        damping: d of the recursion's (1 − d) factor (adds scale·d to the effective damping).
-        seed: seeds the mini-batch sampling; the same seed gives the same answer.
-        warn_residual: warn when the final relative residual exceeds this.
+        damping: d of the recursion's (1 − d) factor, in [0, 1): adds c = scale·d to the
+            effective damping, with or without a preconditioner.
+        seed: seeds the mini-batch sampling and the spectrum estimates; the same seed gives the
+            same answer.
+        tol: the relative residual ‖(A + c·I)x − v‖/‖v‖ the estimate must reach to be reported
+            as converged; a larger one warns, one above 1 (worse than x = 0) raises.
         tail: the estimate averages the iterates of this final fraction of the steps (Polyak
             averaging, which cuts the noise of the stochastic recursion many-fold at no cost);
             0 returns the last iterate, as in the paper.
         preconditioner: ``None`` or a linear solver (``"ekfac"``, ``"kfac"``, ``"arnoldi"`` or an
-            object) whose approximate inverse M turns the recursion into one on M A x = M v.
+            object) whose approximate inverse M turns the recursion into one on
+            M (A + c·I) x = M v.
     """
 
     name = "lissa"
 
     def __init__(self, scale: float | None = None, depth: int = 1000, repeats: int = 4,
                  batch_size: int = 64, damping: float = 0.0, seed: int = 0,
-                 warn_residual: float = 0.05, tail: float = 0.5,
+                 tol: float = 0.05, tail: float = 0.5,
                  preconditioner: str | Solver | None = None) -> None:
         super().__init__()
-        if scale is not None and not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}.")
-        for label, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{label} must be a positive integer, got {value!r}.")
-        if not 0 <= tail <= 1:
-            raise ValueError(
-                f"tail must lie in (0, 1] (the fraction of final steps averaged), or 0 for the "
-                f"paper's last iterate; got {tail}."
-            )
-        if not 0 <= damping < 1:
-            raise ValueError(f"damping (the recursion's d) must lie in [0, 1), got {damping}.")
-        self.scale = scale
-        self.depth = depth
-        self.repeats = repeats
-        self.batch_size = batch_size
-        self.damping = damping
-        self.seed = seed
-        self.warn_residual = warn_residual
-        self.tail = tail
+        self.scale = arguments.optional_positive("scale", scale)
+        self.depth = arguments.positive_integer("depth", depth)
+        self.repeats = arguments.positive_integer("repeats", repeats)
+        self.batch_size = arguments.positive_integer("batch_size", batch_size)
+        self.damping = arguments.real("damping (the recursion's d, in [0, 1))", damping,
+                                      minimum=0.0, maximum=1.0, strict_maximum=True)
+        self.seed = arguments.integer("seed", seed, minimum=0)
+        self.tol = arguments.positive("tol", tol)
+        self.tail = arguments.real("tail (the fraction of final steps averaged; 0 is the "
+                                   "paper's last iterate)", tail, minimum=0.0, maximum=1.0)
+        make_preconditioner(preconditioner, "LiSSA")  # checked now, prepared with the operator
         self.preconditioner = preconditioner
         self._precondition: Callable[[Tensor], Tensor] = _identity
         self.scale_: float | None = None
         self.max_eigenvalue_: float | None = None
 
+    @property
+    def extra_damping_(self) -> float:
+        """c = scale·d, added to the operator's damping by the recursion."""
+        return (self.scale_ or 0.0) * self.damping
+
     def prepare(self, operator: HessianOperator) -> LiSSA:
         super().prepare(operator)
         self._precondition = _identity
-        if self.preconditioner is not None:
-            from . import make_solver  # the registry imports this module
-
-            inner = make_solver(self.preconditioner)
-            if not inner.linear:
-                raise TypeError(f"{type(inner).__name__} is not a fixed linear map and cannot "
-                                "precondition LiSSA; use 'ekfac', 'kfac' or 'arnoldi'.")
+        inner = make_preconditioner(self.preconditioner, "LiSSA")
+        if inner is not None:
+            inner.progress = self.progress
             self._precondition = inner.prepare(operator).apply_inverse
         if self.scale is not None:
             self.scale_ = float(self.scale)
             return self
         self.max_eigenvalue_ = self._estimate_max_eigenvalue(operator)
-        self.scale_ = 1.2 * self.max_eigenvalue_
+        growth = 0.0
+        if inner is not None and self.damping > 0:
+            growth = 1.2 * self.damping * self._largest_preconditioner_eigenvalue(operator)
+            if growth >= 1.0:
+                raise InvalidSettingError(
+                    f"LiSSA(damping={self.damping:g}) with a preconditioner cannot converge: the "
+                    f"recursion's damping enters as d·M with λ_max(M) ≈ "
+                    f"{growth / (1.2 * self.damping):.3g}, so d must stay below "
+                    f"{self.damping / growth:.3g}. Put the damping into A instead "
+                    "(Influence(damping=...), applied exactly), or lower d."
+                )
+        self.scale_ = 1.2 * self.max_eigenvalue_ / (1.0 - growth)
         return self
+
+    def _largest_preconditioner_eigenvalue(self, op: HessianOperator, iters: int = 40) -> float:
+        """λ_max(M) by power iteration (M is symmetric positive definite)."""
+        start = torch.randn(1, op.dim, generator=torch.Generator().manual_seed(self.seed + 2),
+                            dtype=torch.float64).to(op.device, op.dtype)
+        return power_iteration(self._precondition, start, iters)
 
     def _estimate_max_eigenvalue(self, op: HessianOperator, batches: int = 4,
                                  iters: int = 20) -> float:
@@ -144,48 +166,60 @@ class LiSSA(Solver):
         R, b = (1, op.num_train) if full_batch else (self.repeats, self.batch_size)
         generator = torch.Generator().manual_seed(self.seed)
         M = self._precondition
+        preconditioned = self.preconditioner is not None
+        extra = self.extra_damping_  # c: the recursion solves (A + c·I) X = V
         V_rep = M(V).unsqueeze(0).expand(R, k, p)
         S = V_rep.clone()
         limit = 1e12 * float(V_rep[0].norm()) + 1e-300
         first_averaged = self.depth - max(1, round(self.tail * self.depth)) + 1
         total = torch.zeros_like(S)
-        for step in range(1, self.depth + 1):
+        bar = tqdm(range(1, self.depth + 1), desc="LiSSA steps", leave=False,
+                   disable=not self.progress)
+        for step in bar:
             if full_batch:  # every point: the chunked full product, memory bounded
                 product = op.matvec(S[0]).unsqueeze(0)
             else:
                 product = op.sampled_matvec(S, torch.randint(op.num_train, (R, b),
                                                              generator=generator))
-            if self.preconditioner is not None:
+            if extra:
+                product = product + extra * S
+            if preconditioned:
                 product = M(product.reshape(R * k, p)).reshape(R, k, p)
-            S = V_rep + (1.0 - self.damping) * S - product / scale
+            S = V_rep + S - product / scale
             if step >= first_averaged:
                 total += S
             if step % 25 == 0 or step == self.depth:
                 norm = float(S.norm())
+                bar.set_postfix(norm=f"{norm:.3g}")
+                logger.debug("LiSSA step %d: ‖s‖ = %.4g", step, norm)
                 if not math.isfinite(norm) or norm > limit:
                     raise SolverDivergedError(self._divergence_message(step, norm))
         X = total.mean(dim=0) / (scale * (self.depth - first_averaged + 1))
-        effective_damping = op.damping + scale * self.damping
-        extra = scale * self.damping  # the recursion solves (A + scale·d·I) X = V
-        residual = _max_ratio(op.matvec(X) + extra * X - V, V)
-        self.last_report = SolveReport(
-            solver=self.name, relative_residual=residual, iterations=self.depth,
-            converged=not residual > self.warn_residual, damping=effective_damping,
-            max_eigenvalue=self.max_eigenvalue_,
-            details={"scale": scale, "repeats": R, "batch_size": b,
-                     "preconditioned": float(self.preconditioner is not None)},
-        )
+        self._check_output(X)
+        residual = max_ratio(op.matvec(X) + extra * X - V, V)
+        converged = residual <= self.tol
+        details = {"scale": scale, "repeats": R, "batch_size": b,
+                   "preconditioned": float(preconditioned), "recursion_damping": extra}
+        if self.max_eigenvalue_ is not None:  # over the full data and mini-batches
+            key = "largest_eigenvalue_of_MA" if preconditioned else "largest_eigenvalue_estimate"
+            details[key] = self.max_eigenvalue_
+        self.last_report = self._report(
+            residual, converged, iterations=self.depth, tolerance=self.tol,
+            damping=op.damping + extra, details=details)
+        logger.info("LiSSA: %d steps, relative residual %.3e (tol %g).", self.depth, residual,
+                    self.tol)
         if residual > 1.0:
             raise SolverDivergedError(
                 f"LiSSA's estimate is worse than zero: relative residual {residual:.3g} after "
                 f"{self.depth} steps. {self._advice()}"
             )
-        if residual > self.warn_residual:
+        if not converged:
             warnings.warn(
-                f"LiSSA's relative residual is {residual:.3g} (> {self.warn_residual}) after depth="
+                f"LiSSA's relative residual is {residual:.3g} (> tol={self.tol}) after depth="
                 f"{self.depth}, repeats={R}, batch_size={b}, scale={scale:.4g}. Increase depth "
-                "(slow convergence: the damped Hessian has small eigenvalues relative to scale), "
-                "or batch_size/repeats (noise), or add damping.",
+                "(slow convergence: the damped curvature has small eigenvalues relative to "
+                "scale), or batch_size/repeats (noise), add damping, or use a preconditioner "
+                "(preconditioner='ekfac').",
                 ConvergenceWarning, stacklevel=3,
             )
         return X
@@ -197,7 +231,8 @@ class LiSSA(Solver):
 
     def _advice(self) -> str:
         return (
-            f"The recursion converges only when the eigenvalues of (H + damping·I)/scale lie in "
+            f"The recursion converges only when the eigenvalues of (A + scale·d·I)/scale (with a "
+            f"preconditioner M: of M(A + scale·d·I)/scale) lie in "
             f"(0, 2): increase scale (now {self.scale_:.4g}; scale=None estimates it), or add "
             f"damping (now {self.operator.damping:g}) if H has negative eigenvalues."
         )
