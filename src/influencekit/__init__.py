@@ -7,18 +7,27 @@ the predicted change of the test loss when a training point is removed (positive
 
 from . import solvers, training, validation
 from .errors import (
+    CacheMismatchError,
     ConvergenceWarning,
+    DeviceMismatchError,
+    DtypeError,
     EmptyDatasetError,
     IndefiniteHessianError,
+    IndexOutOfRangeError,
     InfluenceKitError,
     InputError,
+    InputTypeError,
+    InvalidSettingError,
     NonFiniteError,
     NotFittedError,
     ObjectiveMismatchError,
     ShapeMismatchError,
     SolverDivergedError,
+    StaleFitError,
+    StationarityWarning,
     UnknownParameterError,
     UnknownSolverError,
+    UnsupportedModelError,
 )
 from .influence import Influence, TopK
 from .objective import (
@@ -28,21 +37,31 @@ from .objective import (
     Objective,
     SmoothHingeObjective,
 )
-from .solvers import CG, Direct, LiSSA
+from .solvers import CG, EKFAC, KFAC, Arnoldi, Deflated, Direct, LiSSA, SolveReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "EKFAC",
+    "KFAC",
+    "Arnoldi",
     "BinaryLogisticObjective",
+    "CacheMismatchError",
     "ConvergenceWarning",
     "CrossEntropyObjective",
+    "Deflated",
+    "DeviceMismatchError",
     "Direct",
+    "DtypeError",
     "EmptyDatasetError",
     "IndefiniteHessianError",
+    "IndexOutOfRangeError",
     "Influence",
     "InfluenceKitError",
     "InputError",
+    "InputTypeError",
+    "InvalidSettingError",
     "LiSSA",
     "MSEObjective",
     "NonFiniteError",
@@ -51,10 +70,14 @@ __all__ = [
     "ObjectiveMismatchError",
     "ShapeMismatchError",
     "SmoothHingeObjective",
+    "SolveReport",
     "SolverDivergedError",
+    "StaleFitError",
+    "StationarityWarning",
     "TopK",
     "UnknownParameterError",
     "UnknownSolverError",
+    "UnsupportedModelError",
     "__version__",
     "solvers",
     "training",

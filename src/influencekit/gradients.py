@@ -7,21 +7,26 @@ For a batch of b examples the functions here return ``(b, p)`` matrices of
 
 computed with ``torch.func.vmap(torch.func.grad(...))``. Models that vmap cannot handle (``.item()``
 or Python branching on values inside ``forward``, say) fall back to a loop of ``autograd.grad``
-calls, with a log message. Callers chunk the data, so no more than a chunk of rows exists at once.
+calls, with a warning that names the cause; any other error (a bug in the model or the objective)
+is raised as it is (see :mod:`influencekit.transforms`). Callers chunk the data, so no more than
+a chunk of rows exists at once. With a per-parameter weight decay, λ·θ is diag(λ_j)·θ.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from .errors import OUT_OF_MEMORY
+from . import arguments
+from .errors import OUT_OF_MEMORY, DtypeError
 from .objective import Objective
 from .parameters import TrackedParameters
+from .transforms import first_line, is_transform_limitation
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,9 @@ class GradientComputer:
                  vectorize: bool = True) -> None:
         self.tracked = tracked
         self.objective = objective
-        self.vectorize = vectorize
+        self.vectorize = arguments.flag("vectorize", vectorize)
+        #: λ per coordinate of θ: a float when uniform, else (p,)
+        self.decay: float | Tensor = objective.decay_vector(tracked.named_tensors())
 
     def losses(self, theta: Tensor, X: Tensor, y: Tensor, test: bool = False) -> Tensor:
         """Per-example data losses ℓ (or test measurements), shape ``(b,)``, no regulariser."""
@@ -52,8 +59,8 @@ class GradientComputer:
     def train(self, theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """``(b, p)`` rows ∇_θ L(z_i, θ) = ∇_θ ℓ_i + λθ."""
         G = self._per_example(self.objective.train_loss, theta, X, y)
-        if self.objective.weight_decay:
-            G = G + self.objective.weight_decay * theta.detach()
+        if isinstance(self.decay, Tensor) or self.decay:
+            G = G + self.decay * theta.detach()
         return G
 
     def train_blocks(self, theta: Tensor, X: Tensor, y: Tensor) -> list[Tensor]:
@@ -113,11 +120,15 @@ class GradientComputer:
         return g
 
     def _fall_back(self, error: Exception) -> None:
-        logger.warning(
-            "torch.func.vmap could not batch the per-example gradients of %s (%s: %s); computing "
-            "them one example at a time instead, which is slower. Avoid .item() and data-dependent "
+        """Switch to the loop if ``error`` means vmap cannot batch this model; else re-raise."""
+        if not is_transform_limitation(error):
+            raise error
+        warnings.warn(
+            f"torch.func.vmap cannot batch the per-example gradients of "
+            f"{type(self.tracked.model).__name__} ({first_line(error)}); computing them one "
+            "example at a time instead, which is slower. Avoid .item() and data-dependent "
             "Python control flow in forward() to get the vectorised path.",
-            type(self.tracked.model).__name__, type(error).__name__, str(error).splitlines()[0],
+            RuntimeWarning, stacklevel=4,
         )
         self.vectorize = False
 
@@ -132,7 +143,7 @@ class GradientComputer:
             ``(m, k, *input_shape)``. The regulariser does not depend on x and drops out.
         """
         if not X.is_floating_point():
-            raise TypeError(
+            raise DtypeError(
                 f"Perturbation influence differentiates with respect to the inputs, which must be "
                 f"floating point; got dtype {X.dtype}. (Integer inputs such as token ids have no "
                 "input gradient.)"

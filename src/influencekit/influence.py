@@ -12,12 +12,20 @@ Conventions (the product's contract):
   test measurement does not; damping λ_d is separate and reported.
 - The curvature is the Hessian H by default; ``curvature="gauss-newton"`` uses the Gauss-Newton
   matrix G instead (positive semi-definite, the usual choice for networks away from a minimum).
+
+What ``fit()`` checks before anything is scored: every argument at construction; finite
+parameters, data and losses; that the objective fits the model's output; that θ̂ is a stationary
+point of the objective (a :class:`~influencekit.errors.StationarityWarning` with the figures if
+not). It chooses the damping when ``damping="auto"`` (:mod:`influencekit.damping`) and remembers
+the model's parameters and buffers: every later call refuses a model changed since
+(:class:`~influencekit.errors.StaleFitError`) instead of mixing two states.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +36,32 @@ from torch import Tensor, nn
 from torch.func import grad
 from tqdm.auto import tqdm
 
-from . import cache
-from .curvature import CURVATURES, Curvature, HessianOperator, HVPMode
+from . import arguments, cache, stationarity
+from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, HVPMode
+from .damping import DampingChoice, choose_damping
 from .data import ExampleSet, check_compatible, check_finite, raise_if_flagged
-from .errors import NotFittedError, ObjectiveMismatchError
+from .errors import (
+    DeviceMismatchError,
+    DtypeError,
+    InputTypeError,
+    InvalidSettingError,
+    NonFiniteError,
+    NotFittedError,
+    ObjectiveMismatchError,
+    StaleFitError,
+    StationarityWarning,
+)
 from .gradients import GradientComputer
 from .objective import Objective
-from .parameters import TrackedParameters, evaluation_mode
+from .parameters import TrackedParameters, evaluation_mode, select_parameter_names
+from .snapshot import ModelSnapshot, named_state
 from .solvers import Solver, SolveReport, make_solver
 
 logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+#: training points whose gradients set the scale of the stationarity check
+STATIONARITY_SAMPLE = 256
 
 
 @dataclass
@@ -64,18 +88,27 @@ class Influence:
     """Influence of training points on a trained model's test losses.
 
     Args:
-        model: the trained network; evaluated in eval mode, never modified.
+        model: the trained network; evaluated in eval mode, never modified. Its tracked
+            parameters must be float32 or float64, and it must live on one device.
         objective: per-example training loss and test measurement (with its weight decay λ).
         train: the training set the model was fitted on: ``(X, y)``, a Dataset or a DataLoader.
-        solver: ``"direct"``, ``"cg"``, ``"lissa"`` or a solver object with its settings.
-        damping: λ_d ≥ 0 added to the Hessian (separate from the weight decay).
+        solver: ``"direct"``, ``"cg"``, ``"lissa"``, ``"kfac"``, ``"ekfac"``, ``"arnoldi"``,
+            ``"deflated"`` or a solver object with its settings.
+        damping: λ_d ≥ 0 added to the curvature (separate from the weight decay), or ``"auto"``:
+            chosen at ``fit()`` from the curvature's spectrum (:mod:`influencekit.damping`); 0
+            whenever the curvature is positive definite and well-conditioned, so convex models
+            keep the paper's exact influence. The choice is in :attr:`damping_` and
+            :attr:`damping_reason_`.
         params: names or module prefixes of the parameters to track (``None``: all trainable).
         chunk_size: examples per vectorised pass; bounds memory, never changes the scores.
-        hvp_mode: ``"auto"`` (forward-over-reverse, falling back), or one mode of
+        hvp_mode: ``"auto"`` (a fixed order by rule), ``"timed"``, or one mode of
             :class:`~influencekit.curvature.HessianOperator`.
         vectorize: per-example gradients with ``torch.func.vmap`` (falls back to a loop).
-        progress: show progress bars on long passes.
+        progress: show progress bars on long passes and solver iterations.
         curvature: ``"hessian"`` (exact, the paper's) or ``"gauss-newton"`` (J^T ∇²_f ℓ J).
+        stationarity_tol: warn when ‖∇R(θ̂)‖ exceeds this multiple of the typical per-example
+            gradient norm (:mod:`influencekit.stationarity`); ``None`` measures and records it
+            (:attr:`stationarity_`) without warning, for a θ̂ that is off a minimum on purpose.
 
     Example:
         >>> inf = Influence(model, CrossEntropyObjective(weight_decay=0.01), (X, y)).fit()
@@ -83,47 +116,60 @@ class Influence:
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train: Any,
-                 solver: str | Solver = "cg", damping: float = 0.0,
+                 solver: str | Solver = "cg", damping: float | str = "auto",
                  params: Sequence[str] | str | None = None, chunk_size: int = 256,
                  hvp_mode: HVPMode = "auto", vectorize: bool = True,
-                 progress: bool = False, curvature: Curvature = "hessian") -> None:
+                 progress: bool = False, curvature: Curvature = "hessian",
+                 stationarity_tol: float | None = 0.05) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+            raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(objective, Objective):
-            raise TypeError(
+            raise InputTypeError(
                 f"objective must be an influencekit.Objective (e.g. CrossEntropyObjective()), got "
                 f"{type(objective).__name__}."
             )
-        if not (isinstance(damping, int | float) and math.isfinite(damping) and damping >= 0):
-            raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}.")
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
-        if not (isinstance(chunk_size, int) and chunk_size >= 1):
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        self.damping = damping if damping == "auto" else arguments.non_negative("damping",
+                                                                                  damping)
+        self.curvature = arguments.choice("curvature", curvature, CURVATURES)
+        self.chunk_size = arguments.positive_integer("chunk_size", chunk_size)
+        self.hvp_mode = arguments.choice("hvp_mode", hvp_mode, HVP_MODES)
+        self.vectorize = arguments.flag("vectorize", vectorize)
+        self.progress = arguments.flag("progress", progress)
+        self.stationarity_tol = arguments.optional_positive("stationarity_tol",
+                                                            stationarity_tol)
+        if params is not None and not (isinstance(params, str) or (
+                isinstance(params, Sequence) and all(isinstance(p, str) for p in params))):
+            raise InputTypeError(f"params must be None, a parameter name or prefix, or a list of "
+                                 f"them; got {params!r}.")
+        self.params = params
+        select_parameter_names(model, params)  # unknown names are refused here, not at fit
+        _check_model(model, select_parameter_names(model, params))
         self.model = model
         self.objective = objective
         self.train_data = ExampleSet(train, "training data")
         self.solver = make_solver(solver)
-        self.damping = float(damping)
-        self.params = params
-        self.chunk_size = chunk_size
-        self.hvp_mode = hvp_mode
-        self.vectorize = vectorize
-        self.progress = progress
-        self.curvature = curvature
 
     # ------------------------------------------------------------------ fitting
 
     def fit(self) -> Influence:
-        """Check the data and objective, bind θ̂, and prepare the solver. Returns ``self``."""
-        tracked = self.tracked_ = TrackedParameters(self.model, self.params)
+        """Check the model, data and objective, bind θ̂, choose the damping, prepare the solver.
+
+        Returns ``self``. See the module docstring for what is checked.
+        """
+        tracked = TrackedParameters(self.model, self.params)
+        _check_model(self.model, tracked.names)
         theta = tracked.flat()
         gradients = GradientComputer(tracked, self.objective, self.vectorize)
+        self.tracked_ = tracked  # the batches below need its dtype and device
         with evaluation_mode(self.model):
             gradient = self._check_training_data(gradients, theta)
-            operator = HessianOperator(gradients, self.train_data, theta, self.damping,
+            self.stationarity_ = self._stationarity(gradients, theta, gradient)
+            operator = HessianOperator(gradients, self.train_data, theta,
+                                       0.0 if self.damping == "auto" else self.damping,
                                        self.chunk_size, self.hvp_mode, self.progress,
                                        self.curvature)
+            self.solver.progress = self.solver.progress or self.progress
+            self.damping_choice_ = self._choose_damping(operator)
             self.solver.prepare(operator)
         self.theta_ = theta
         self._gradient_cache: Tensor | None = None
@@ -132,31 +178,85 @@ class Influence:
         self.num_train_ = len(self.train_data)
         self.input_shape_ = self.train_data.input_shape
         self.train_gradient_norm_ = float(gradient.norm())
+        self.snapshot_ = ModelSnapshot(self.model)
         logger.info(
-            "Fitted influence over %d parameters and %d training points; ‖∇R(θ̂)‖ = %.3g.",
-            tracked.dim, self.num_train_, self.train_gradient_norm_,
+            "Fitted influence over %d parameters and %d training points; ‖∇R(θ̂)‖ = %.3g; "
+            "damping %g.", tracked.dim, self.num_train_, self.train_gradient_norm_,
+            self.damping_,
         )
         return self
+
+    @property
+    def damping_(self) -> float:
+        """λ_d the fitted solver uses (``damping="auto"``: the chosen value)."""
+        self._require_fitted(check_model=False)
+        return self.operator_.damping
+
+    @property
+    def damping_reason_(self) -> str:
+        """Why :attr:`damping_` has its value."""
+        self._require_fitted(check_model=False)
+        if self.damping_choice_ is None:
+            return f"damping {self.operator_.damping:g} as given"
+        return self.damping_choice_.reason
+
+    def _choose_damping(self, operator: HessianOperator) -> DampingChoice | None:
+        if self.damping != "auto":
+            return None
+        choice = choose_damping(self.solver.spectrum_estimate(operator), operator.dtype)
+        operator.damping = choice.value
+        logger.info("damping='auto': %s.", choice.reason)
+        return choice
 
     def _check_training_data(self, gradients: GradientComputer, theta: Tensor) -> Tensor:
         """One pass: finite data, objective fits, finite losses; returns ∇R(θ̂)."""
         total = torch.zeros_like(theta)
         for rows, X, y in self._batches(self.train_data, "checking training data"):
-            self._check_batch(gradients, theta, rows, X, y, test=False)
+            self._check_batch(gradients, theta, rows, X, y, self.train_data, test=False)
 
             def batch_loss(th: Tensor, X: Tensor = X, y: Tensor = y) -> Tensor:
                 return gradients.losses(th, X, y).sum()
 
             total += grad(batch_loss)(theta)
-        return total / len(self.train_data) + self.objective.weight_decay * theta
+        return total / len(self.train_data) + gradients.decay * theta
+
+    def _stationarity(self, gradients: GradientComputer, theta: Tensor,
+                      gradient: Tensor) -> stationarity.Stationarity:
+        """‖∇R(θ̂)‖ against the RMS per-example gradient norm; warns if not stationary."""
+        n = len(self.train_data)
+        sample = torch.linspace(0, n - 1, min(n, STATIONARITY_SAMPLE)).round().long().unique()
+        X, y = self.train_data.take(sample, self._device(), self._dtype())
+        squares = torch.cat([gradients.train(theta, X[s], y[s]).pow(2).sum(dim=1)
+                             for s in _slices(X.shape[0], self.chunk_size)])
+        check = stationarity.Stationarity(float(gradient.norm()),
+                                          float(squares.mean().sqrt()), int(sample.numel()),
+                                          self.stationarity_tol)
+        if check.tol is not None and not check.stationary:
+            warnings.warn(stationarity.message(check, _describe_decay(self.objective),
+                                               self.curvature), StationarityWarning,
+                          stacklevel=3)
+        return check
 
     def _check_batch(self, gradients: GradientComputer, theta: Tensor, rows: slice, X: Tensor,
-                     y: Tensor, test: bool) -> None:
-        name = "test data" if test else "training data"
+                     y: Tensor, data: ExampleSet, test: bool) -> None:
+        name = data.name
         check_finite(X, y, rows, name)
         with torch.no_grad():
             outputs = gradients.tracked.forward(theta, X)
-            self.objective.check(outputs, y)
+            if not isinstance(outputs, Tensor):
+                raise InputTypeError(
+                    f"The model returned a {type(outputs).__name__}; influencekit needs one "
+                    "tensor of outputs per batch (logits, scores or predictions). Wrap the "
+                    "model so that it returns that tensor, e.g. for outputs[0]: "
+                    "class Logits(nn.Module): def __init__(self, m): super().__init__(); "
+                    "self.m = m; def forward(self, x): return self.m(x)[0]. Then pass "
+                    "Logits(model).")
+            try:
+                self.objective.check(outputs, y)
+            except ObjectiveMismatchError as error:
+                raise ObjectiveMismatchError(
+                    f"{error} ({name}: {data.describe()}; model output "
+                    f"{tuple(outputs.shape[1:])} per example)") from None
             losses = gradients.losses(theta, X, y, test=test)
         method = "test_loss" if test else "train_loss"
         if losses.shape != (X.shape[0],):
@@ -171,12 +271,20 @@ class Influence:
             "example(s) {where}. Check the model's outputs there (overflow, log of zero); the "
             "influence of a non-finite loss is undefined.")
 
-    def _require_fitted(self) -> None:
+    def _require_fitted(self, check_model: bool = True) -> None:
         if not hasattr(self, "theta_"):
             raise NotFittedError(
                 "This Influence is not fitted yet: call fit() before computing influence "
                 "(inf = Influence(...).fit())."
             )
+        if check_model:
+            changed = self.snapshot_.changed()
+            if changed:
+                shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+                raise StaleFitError(
+                    f"The model changed after fit() ({shown}): the fitted state — θ̂, the "
+                    "curvature, the solver's factors and any cached gradients — describes the "
+                    "model as it was. Call fit() again to score the model as it is now.")
 
     def _batches(self, data: ExampleSet,
                  description: str) -> Iterator[tuple[slice, Tensor, Tensor]]:
@@ -205,7 +313,7 @@ class Influence:
         rows = []
         with evaluation_mode(self.model):
             for idx, X, y in self._batches(data, "test gradients"):
-                self._check_batch(self.gradients_, self.theta_, idx, X, y, test=True)
+                self._check_batch(self.gradients_, self.theta_, idx, X, y, data, test=True)
                 rows.append(_finite(self.gradients_.test(self.theta_, X, y), idx, "test"))
         return torch.cat(rows)
 
@@ -234,19 +342,25 @@ class Influence:
         for rows, X, y in self._batches(self.train_data, description):
             yield rows, _finite(self.gradients_.train(self.theta_, X, y), rows, "training")
 
-    def cache_train_gradients(self, path: str | Path | None = None) -> Influence:
+    def cache_train_gradients(self, path: str | Path | None = None,
+                              data_id: str | None = None) -> Influence:
         """Keep the (n, p) training gradients so later batches of test points skip that pass.
 
-        With ``path``, the gradients are loaded from that file if it was made for this θ̂,
-        objective, parameter set and training data, and otherwise computed and written there
-        atomically; a file made for anything else is refused (:class:`CacheMismatchError`).
-        Memory: n·p numbers. Returns ``self``.
+        With ``path``, the gradients are loaded from that file if it was made for this θ̂, the
+        model's other parameters and buffers, this objective and its settings, parameter set,
+        dtype and training data (see :mod:`influencekit.cache`), and otherwise computed and
+        written there atomically; a file made for anything else is refused
+        (:class:`~influencekit.errors.CacheMismatchError`). The training data is identified by
+        a SHA-256 of every example (streamed for a Dataset or DataLoader), or by ``data_id`` if
+        given. Memory: n·p numbers. Returns ``self``.
         """
         self._require_fitted()
-        meta = cache.fingerprint(self.theta_, self.tracked_.names, self.objective,
-                                 self.train_data)
+        if path is not None:
+            meta = cache.fingerprint(self.tracked_, self.theta_, self.objective,
+                                     self.gradients_.decay, self.train_data, data_id)
         if path is not None and Path(path).exists():
-            gradients = cache.load(path, meta).to(self._device(), self._dtype())
+            gradients = cache.load(path, meta, (self.num_train_, self.tracked_.dim),
+                                   self._dtype()).to(self._device())
         else:
             self._gradient_cache = None
             with evaluation_mode(self.model):
@@ -258,7 +372,8 @@ class Influence:
         return self
 
     def solve(self, V: Tensor) -> Tensor:
-        """A⁻¹·v for each row of ``V`` ``(k, p)``, A = H + λ_d·I; see :attr:`last_solve_report`."""
+        """A⁻¹·v for each row of ``V`` ``(k, p)`` (or ``(p,)``), A = C + λ_d·I; see
+        :attr:`last_solve_report`. ``(p, k)`` blocks and higher-precision ``V`` are refused."""
         self._require_fitted()
         with evaluation_mode(self.model):
             return self.solver.solve(V)
@@ -273,7 +388,7 @@ class Influence:
     def influence(self, test: Any) -> Tensor:
         """I_up,loss of every training point on every test point, ``(m, n)``.
 
-        I[j, i] = −∇_θ L_test(z_j)ᵀ (H + λ_d·I)⁻¹ ∇_θ L(z_i). All test points share one block
+        I[j, i] = −∇_θ L_test(z_j)ᵀ (C + λ_d·I)⁻¹ ∇_θ L(z_i). All test points share one block
         solve and one pass over the training data.
         """
         S = self.solve(self.test_gradients(test))
@@ -283,7 +398,7 @@ class Influence:
         """S · ∇_θ L(z_i) for every training point, ``(k, n)``, in one pass over the data.
 
         Without a gradient cache the per-example gradients stay split by parameter tensor and
-        the product is a sum of per-block products, plus λ·(S θ̂) for the regulariser's share.
+        the product is a sum of per-block products, plus S·(λ ⊙ θ̂) for the regulariser's share.
         """
         out = torch.empty(S.shape[0], self.num_train_, dtype=S.dtype, device=S.device)
         if self._gradient_cache is not None:
@@ -291,7 +406,7 @@ class Influence:
                 out[:, rows] = S @ G.T
             return out
         pieces = S.split(self.tracked_.numels, dim=1)
-        regulariser = self.objective.weight_decay * (S @ self.theta_)
+        regulariser = S @ (self.gradients_.decay * self.theta_)
         with evaluation_mode(self.model):
             for rows, X, y in self._batches(self.train_data, description):
                 blocks = self.gradients_.train_blocks(self.theta_, X, y)
@@ -313,7 +428,7 @@ class Influence:
         return -self.influence(test) / self.num_train_
 
     def params_influence(self, train_indices: Tensor | Sequence[int]) -> Tensor:
-        """I_up,params = −(H + λ_d·I)⁻¹ ∇_θ L(z_i) for the given training points, ``(k, p)``.
+        """I_up,params = −(C + λ_d·I)⁻¹ ∇_θ L(z_i) for the given training points, ``(k, p)``.
 
         −I_up,params / n predicts the change of θ̂ when the point is removed.
         """
@@ -322,7 +437,7 @@ class Influence:
     def perturbation_influence(self, test: Any, train_indices: Tensor | Sequence[int]) -> Tensor:
         """I_pert,loss: gradient of each test loss w.r.t. each chosen training input.
 
-        Q[j, k] = −∇_x [∇_θ L_test(z_j)ᵀ (H + λ_d·I)⁻¹ ∇_θ L(x, y_k)] at x = x_k; shape
+        Q[j, k] = −∇_x [∇_θ L_test(z_j)ᵀ (C + λ_d·I)⁻¹ ∇_θ L(x, y_k)] at x = x_k; shape
         ``(m, k, *input_shape)``. Moving x_k by δ changes test loss j by about ⟨Q[j, k], δ⟩/n.
         """
         S = self.solve(self.test_gradients(test))
@@ -335,7 +450,7 @@ class Influence:
     def self_influence(self) -> Tensor:
         """I_up,loss(z_i, z_i) for every training point, ``(n,)``, without an n × n matrix.
 
-        = −∇_θ L_test(z_i)ᵀ (H + λ_d·I)⁻¹ ∇_θ L(z_i). Typically negative: the more negative, the
+        = −∇_θ L_test(z_i)ᵀ (C + λ_d·I)⁻¹ ∇_θ L(z_i). Typically negative: the more negative, the
         more the point holds up its own fit (mislabelled points come first when sorted
         ascending). Costs one solve per training point (in blocks of ``chunk_size``).
         """
@@ -350,14 +465,52 @@ class Influence:
         return out
 
     def top_k(self, test: Any, k: int = 10) -> TopK:
-        """The k most helpful and k most harmful training points per test point (:class:`TopK`)."""
+        """The k most helpful and k most harmful training points per test point (:class:`TopK`).
+
+        ``k`` may not exceed the number of training points n (a larger k is refused rather
+        than silently cut to n).
+        """
+        k = arguments.positive_integer("k", k)
+        self._require_fitted()
+        if k > self.num_train_:
+            raise InvalidSettingError(
+                f"k={k} exceeds the {self.num_train_} training points; pass k ≤ "
+                f"{self.num_train_} (k={self.num_train_} ranks every point).")
         scores = self.loo_change(test)
-        k = min(k, scores.shape[1])
-        if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}.")
         helpful_scores, helpful = scores.topk(k, dim=1, largest=True)
         harmful_scores, harmful = scores.topk(k, dim=1, largest=False)
         return TopK(helpful, helpful_scores, harmful, harmful_scores)
+
+
+def _check_model(model: nn.Module, tracked_names: list[str]) -> None:
+    """One device (not ``meta``), a supported dtype, finite parameters and buffers."""
+    state = named_state(model)
+    devices = sorted({str(tensor.device) for _, tensor in state})
+    if len(devices) > 1 or devices == ["meta"]:
+        where = {d: [n for n, t in state if str(t.device) == d][:3] for d in devices}
+        raise DeviceMismatchError(
+            f"The model's parameters and buffers must all be on one device with data; they are "
+            f"on {devices} (e.g. {where}). Move the model with model.to(device)"
+            + (" and load its weights (meta tensors hold none)." if "meta" in devices else "."))
+    named = dict(model.named_parameters())
+    dtypes = sorted({str(named[n].dtype) for n in tracked_names})
+    if any(named[n].dtype not in SUPPORTED_DTYPES for n in tracked_names):
+        raise DtypeError(
+            f"influencekit computes in float32 or float64; the tracked parameters are "
+            f"{', '.join(dtypes)}. Convert the model (and inputs) with model.float() — or "
+            "model.double() for exactness checks — before Influence; half-precision solves "
+            "are not supported (their eigendecompositions and residuals are round-off).")
+    for name, tensor in state:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"The model's {'parameter' if name in named else 'buffer'} {name!r} holds NaN "
+                "or infinite values; influence of a model with non-finite weights is undefined. "
+                "Check the training run that produced it.")
+
+
+def _describe_decay(objective: Objective) -> str:
+    spec = objective.weight_decay
+    return repr(spec) if not callable(spec) else getattr(spec, "__qualname__", "a function")
 
 
 def _finite(G: Tensor, rows: slice, side: str) -> Tensor:

@@ -16,31 +16,76 @@ branching on values) so that they run under ``torch.func.vmap``; value checks go
 
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ObjectiveMismatchError
+from . import arguments
+from .errors import (
+    InputTypeError,
+    InvalidSettingError,
+    ObjectiveMismatchError,
+    UnknownParameterError,
+)
+
+#: λ for every tracked parameter (a number), per parameter name (a mapping from names,
+#: module prefixes or name components to λ, ``""`` the default), or a function
+#: ``(name, parameter) -> λ``
+WeightDecay = Union[float, Mapping[str, float], Callable[[str, Tensor], float]]  # noqa: UP007
+
+
+def _decay_value(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{where} must be a real number ≥ 0, got {value!r} "
+                               f"({type(value).__name__}).")
+    if not (math.isfinite(float(value)) and float(value) >= 0):
+        raise InvalidSettingError(
+            f"{where} must be a finite number ≥ 0 (it is the λ of (λ/2)·‖θ‖²), got {value!r}.")
+    return float(value)
+
+
+def _key_matches(name: str, key: str) -> bool:
+    """A key matches a parameter name if its dotted components appear in the name's, in a row:
+    ``"fc"`` matches ``"fc.weight"``, ``"bias"`` matches ``"fc.bias"``, ``""`` matches all."""
+    if key == "":
+        return True
+    parts, wanted = name.split("."), key.split(".")
+    return any(parts[i : i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1))
 
 
 class Objective(ABC):
     """Base class: per-example training loss ℓ and test measurement, plus an L2 weight decay λ.
 
     Args:
-        weight_decay: λ ≥ 0 of the regulariser (λ/2)·‖θ‖² folded into every training loss.
+        weight_decay: λ ≥ 0 of the regulariser (λ/2)·‖θ‖² folded into every training loss. A
+            number applies to every tracked parameter. A mapping gives λ per parameter: its keys
+            are parameter names, module prefixes or name components (``"bias"`` matches every
+            ``*.bias``), the longest matching key wins and ``""`` is the default, e.g.
+            ``{"": 1e-4, "bias": 0.0, "norm": 0.0}`` (most networks do not decay biases and
+            normalisation weights). A function ``(name, parameter) -> λ`` decides per parameter,
+            e.g. ``lambda name, p: 0.0 if p.ndim == 1 else 1e-4``. The regulariser is then
+            Σ_k (λ_k/2)·‖θ_k‖² over the parameter tensors θ_k.
     """
 
-    def __init__(self, weight_decay: float = 0.0) -> None:
-        if not (isinstance(weight_decay, int | float) and math.isfinite(weight_decay)):
-            raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay!r}.")
-        if weight_decay < 0:
-            raise ValueError(
-                f"weight_decay must be ≥ 0 (it is the λ of (λ/2)·‖θ‖²), got {weight_decay}."
-            )
-        self.weight_decay = float(weight_decay)
+    def __init__(self, weight_decay: WeightDecay = 0.0) -> None:
+        if isinstance(weight_decay, Mapping):
+            for key, value in weight_decay.items():
+                if not isinstance(key, str):
+                    raise InputTypeError(f"weight_decay keys must be parameter names or "
+                                           f"prefixes (str), got {key!r}.")
+                _decay_value(value, f"weight_decay[{key!r}]")
+            self.weight_decay: WeightDecay = dict(weight_decay)
+        elif callable(weight_decay):
+            self.weight_decay = weight_decay
+        else:
+            self.weight_decay = _decay_value(weight_decay, "weight_decay")
 
     @abstractmethod
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -58,12 +103,102 @@ class Objective(ABC):
         """
         _check_batch(outputs, targets, type(self).__name__)
 
-    def regularizer(self, theta: Tensor) -> Tensor:
-        """(λ/2)·‖θ‖² for the flat vector of tracked parameters θ."""
-        return 0.5 * self.weight_decay * theta.pow(2).sum()
+    @property
+    def uniform_weight_decay(self) -> float | None:
+        """λ when one number applies to every parameter, else ``None``."""
+        return self.weight_decay if isinstance(self.weight_decay, float) else None
+
+    def decay_of(self, name: str, parameter: Tensor) -> float:
+        """λ for the parameter tensor ``name`` (see the class docstring)."""
+        spec = self.weight_decay
+        if isinstance(spec, float):
+            return spec
+        if isinstance(spec, dict):
+            matching = [key for key in spec if _key_matches(name, key)]
+            if not matching:
+                raise UnknownParameterError(
+                    f"weight_decay gives no λ for parameter {name!r}: none of its keys "
+                    f"{sorted(spec)} matches. Add a default with the key \"\".")
+            longest = max(len(key) for key in matching)
+            best = sorted(key for key in matching if len(key) == longest)
+            values = {spec[key] for key in best}
+            if len(values) > 1:
+                raise InvalidSettingError(
+                    f"weight_decay keys {best} match parameter {name!r} equally well and give "
+                    f"different λ {sorted(values)}; use its full name as a key.")
+            return float(spec[best[0]])
+        return _decay_value(spec(name, parameter), f"weight_decay({name!r}, ...)")
+
+    def decay_vector(self, named: Sequence[tuple[str, Tensor]]) -> float | Tensor:
+        """λ per coordinate of the flat θ made of the ``named`` parameter tensors, in order.
+
+        Returns a float when every tensor gets the same λ (the fast path everywhere), else a
+        ``(p,)`` tensor in the parameters' dtype and device.
+        """
+        values = [self.decay_of(name, parameter) for name, parameter in named]
+        if isinstance(self.weight_decay, dict):
+            unused = [key for key in self.weight_decay
+                      if key and not any(_key_matches(name, key) for name, _ in named)]
+            if unused:
+                raise UnknownParameterError(
+                    f"weight_decay keys {unused} match none of the tracked parameters "
+                    f"{[name for name, _ in named][:20]}.")
+        if len(set(values)) <= 1:
+            return values[0] if values else 0.0
+        first = named[0][1]
+        return torch.cat([torch.full((parameter.numel(),), value, dtype=first.dtype,
+                                     device=first.device)
+                          for (_, parameter), value in zip(named, values, strict=True)])
+
+    def regularizer(self, theta: Tensor, decay: float | Tensor | None = None) -> Tensor:
+        """(1/2)·Σ λ_j θ_j² for the flat vector of tracked parameters θ.
+
+        ``decay`` is the per-coordinate λ from :meth:`decay_vector`; it may be left out when one
+        number applies to every parameter.
+        """
+        if decay is None:
+            decay = self.uniform_weight_decay
+            if decay is None:
+                raise InvalidSettingError(
+                    "This objective's weight decay differs between parameters; pass the "
+                    "per-coordinate λ: regularizer(theta, objective.decay_vector(named)).")
+        return 0.5 * (decay * theta.pow(2)).sum()
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting of this objective (its public attributes), for fingerprints and reports.
+
+        Numbers, strings, tuples and dicts stay as they are; a function is named by its
+        qualified name (the fingerprint of a cache also records the λ it resolves to).
+        """
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
+                **{key: _canonical(value) for key, value in sorted(vars(self).items())
+                   if not key.startswith("_")}}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(weight_decay={self.weight_decay})"
+        items = ", ".join(f"{key}={value!r}" for key, value in sorted(vars(self).items())
+                          if not key.startswith("_"))
+        return f"{type(self).__name__}({items})"
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-friendly, deterministic stand-in for a setting's value."""
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)  # repr(float) round-trips exactly
+    if isinstance(value, Mapping):
+        return {str(key): _canonical(item) for key, item in sorted(value.items(), key=str)}
+    if isinstance(value, list | tuple):
+        return [_canonical(item) for item in value]
+    if isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"tensor": list(value.shape), "dtype": str(value.dtype),
+                "sha256": hashlib.sha256(data).hexdigest()}
+    if callable(value):
+        return f"callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}"
+    return f"{type(value).__qualname__}: {value!r}"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -87,11 +222,12 @@ def _check_batch(outputs: Tensor, targets: Tensor, name: str) -> None:
 class CrossEntropyObjective(Objective):
     """Multiclass cross-entropy: ℓ = −log softmax(f(x))_y.
 
-    Shapes: outputs ``(b, C)`` logits, targets ``(b,)`` integer class indices in ``[0, C)``.
+    Shapes: outputs ``(b, C)`` logits, targets ``(b,)`` class indices in ``[0, C)`` of any
+    integer dtype (int32, uint8, ... are read as int64).
     """
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none")
+        return F.cross_entropy(outputs, targets.long(), reduction="none")
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         name = "CrossEntropyObjective"
@@ -101,10 +237,21 @@ class CrossEntropyObjective(Objective):
             f"{name} expects logits of shape (batch, num_classes), got model output shape "
             f"{tuple(outputs.shape)}. For a single logit per example use BinaryLogisticObjective.",
         )
+        per_example = tuple(targets.shape[1:])
+        if not _is_integer(targets):
+            if targets.ndim == 2 and targets.shape[1] > 1:
+                advice = "one-hot rows or probabilities? Pass class indices, y.argmax(dim=1)"
+            elif targets.ndim > 1:
+                advice = "convert them with y.reshape(-1).long()"
+            else:
+                advice = "convert them with y.long()"
+            raise ObjectiveMismatchError(
+                f"{name} expects integer class indices, one per example; got targets of dtype "
+                f"{targets.dtype} and shape {per_example} per example ({advice}).")
         _require(
-            targets.ndim == 1 and not targets.is_floating_point() and not targets.is_complex(),
-            f"{name} expects integer class indices of shape (batch,), got targets of shape "
-            f"{tuple(targets.shape)} and dtype {targets.dtype}. Convert with y.long().",
+            targets.ndim == 1,
+            f"{name} expects one class index per example (targets of shape (n,)); got "
+            f"targets of shape {per_example} per example. Flatten them with y.reshape(-1).",
         )
         num_classes = outputs.shape[1]
         _require(
@@ -112,6 +259,10 @@ class CrossEntropyObjective(Objective):
             f"{name}: class indices must lie in [0, {num_classes}) for a model with "
             f"{num_classes} outputs; got values from {int(targets.min())} to {int(targets.max())}.",
         )
+
+
+def _is_integer(targets: Tensor) -> bool:
+    return not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
 
 
 def _signed_labels(targets: Tensor, dtype: torch.dtype) -> Tensor:
@@ -169,13 +320,10 @@ class SmoothHingeObjective(Objective):
         weight_decay: λ of the L2 term.
     """
 
-    def __init__(self, temperature: float = 0.001, weight_decay: float = 0.0) -> None:
+    def __init__(self, temperature: float = 0.001, weight_decay: WeightDecay = 0.0) -> None:
         super().__init__(weight_decay)
-        if not (isinstance(temperature, int | float) and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature!r}.")
-        if temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0 (0 is the plain hinge), got {temperature}.")
-        self.temperature = float(temperature)
+        self.temperature = arguments.non_negative("temperature (0 is the plain hinge)",
+                                                  temperature)
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         s = _scores(outputs)
@@ -187,12 +335,6 @@ class SmoothHingeObjective(Objective):
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         _check_binary(outputs, targets, "SmoothHingeObjective")
-
-    def __repr__(self) -> str:
-        return (
-            f"SmoothHingeObjective(temperature={self.temperature}, "
-            f"weight_decay={self.weight_decay})"
-        )
 
 
 class MSEObjective(Objective):

@@ -11,6 +11,7 @@ Both change only the tracked parameters of the model, in place, and return a :cl
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,14 +19,19 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from . import arguments
 from .curvature import HessianOperator
 from .data import ExampleSet
 from .errors import ConvergenceWarning, IndefiniteHessianError
 from .gradients import GradientComputer
 from .objective import Objective
 from .parameters import TrackedParameters, evaluation_mode
+from .randomness import seeded
 from .solvers.cg import CG
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,8 +50,9 @@ class FitReport:
 
 def objective_and_gradient(tracked: TrackedParameters, objective: Objective, data: ExampleSet,
                            theta: Tensor, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """R(θ) = (1/n) Σ_i ℓ(z_i, θ) + (λ/2)‖θ‖² and its gradient, over all of ``data``."""
+    """R(θ) = (1/n) Σ_i ℓ(z_i, θ) + (1/2)Σ_j λ_j θ_j² and its gradient, over all of ``data``."""
     n = len(data)
+    decay = objective.decay_vector(tracked.named_tensors())
     value = torch.zeros((), dtype=theta.dtype, device=theta.device)
     gradient = torch.zeros_like(theta)
     with torch.enable_grad():
@@ -55,8 +62,8 @@ def objective_and_gradient(tracked: TrackedParameters, objective: Objective, dat
             (g,) = torch.autograd.grad(loss, leaf)
             value += loss.detach()
             gradient += g
-    value += objective.regularizer(theta.detach())
-    gradient += objective.weight_decay * theta.detach()
+    value += objective.regularizer(theta.detach(), decay)
+    gradient += decay * theta.detach()
     return value, gradient
 
 
@@ -64,7 +71,7 @@ def minimize(model: nn.Module, objective: Objective, train: Any,
              params: Sequence[str] | str | None = None,
              method: Literal["lbfgs", "newton"] = "newton",
              tol: float = 1e-10, max_iter: int = 2000, chunk_size: int = 4096,
-             hessian: Tensor | None = None) -> FitReport:
+             hessian: Tensor | None = None, progress: bool = False) -> FitReport:
     """Fit the tracked parameters to ‖∇R(θ)‖ ≤ ``tol``, starting from their current values.
 
     Args:
@@ -76,24 +83,34 @@ def minimize(model: nn.Module, objective: Objective, train: Any,
         tol: target Euclidean norm of the full gradient (use float64 to go below ~1e-6).
         max_iter: cap on L-BFGS function evaluations / Newton steps.
         hessian: for ``"newton"``, a Hessian of R to start with (e.g. at a nearby optimum).
+        progress: show a progress bar over the iterations (with ‖∇R‖); the final figures are
+            logged either way.
     """
+    arguments.choice("method", method, ("lbfgs", "newton"))
+    tol = arguments.positive("tol", tol)
+    max_iter = arguments.positive_integer("max_iter", max_iter)
+    chunk_size = arguments.positive_integer("chunk_size", chunk_size)
+    arguments.flag("progress", progress)
     data = ExampleSet(train, "training data")
     tracked = TrackedParameters(model, params)
     theta = tracked.flat()
-    with evaluation_mode(model):
+    bar = tqdm(total=max_iter, desc=f"minimize ({method})", leave=False, disable=not progress)
+    with evaluation_mode(model), bar:
         if method == "newton":
             theta, report = _newton(tracked, objective, data, theta, tol, max_iter, chunk_size,
-                                    hessian)
-        elif method == "lbfgs":
-            theta, report = _lbfgs(tracked, objective, data, theta, tol, max_iter, chunk_size)
+                                    hessian, bar)
         else:
-            raise ValueError(f"method must be 'lbfgs' or 'newton', got {method!r}.")
+            theta, report = _lbfgs(tracked, objective, data, theta, tol, max_iter, chunk_size,
+                                   bar)
     tracked.assign(theta)
+    logger.info("minimize (%s): ‖∇R‖ = %.3g after %d iterations (tol %g, %s).", method,
+                report.gradient_norm, report.iterations, tol,
+                "converged" if report.converged else "NOT converged")
     return report
 
 
 def _lbfgs(tracked: TrackedParameters, objective: Objective, data: ExampleSet, theta: Tensor,
-           tol: float, max_iter: int, chunk_size: int) -> tuple[Tensor, FitReport]:
+           tol: float, max_iter: int, chunk_size: int, bar: tqdm) -> tuple[Tensor, FitReport]:
     leaf = theta.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([leaf], lr=1.0, max_iter=max_iter, history_size=50,
                                   tolerance_grad=tol / max(1.0, leaf.numel() ** 0.5),
@@ -106,6 +123,8 @@ def _lbfgs(tracked: TrackedParameters, objective: Objective, data: ExampleSet, t
         value, gradient = objective_and_gradient(tracked, objective, data, leaf.detach(),
                                                  chunk_size)
         leaf.grad = gradient
+        bar.update(1)
+        bar.set_postfix(gradient=f"{float(gradient.norm()):.2e}")
         return value
 
     for _ in range(10):  # L-BFGS stops on its inf-norm test; restart until the 2-norm test holds
@@ -120,7 +139,7 @@ def _lbfgs(tracked: TrackedParameters, objective: Objective, data: ExampleSet, t
 
 def _newton(tracked: TrackedParameters, objective: Objective, data: ExampleSet, theta: Tensor,
             tol: float, max_iter: int, chunk_size: int,
-            hessian: Tensor | None = None) -> tuple[Tensor, FitReport]:
+            hessian: Tensor | None, bar: tqdm) -> tuple[Tensor, FitReport]:
     """Newton's method that keeps its Hessian while it works (a chord iteration).
 
     A step θ ← θ − t·A⁻¹∇R with the last Hessian A is accepted when it passes the Armijo test or,
@@ -158,6 +177,10 @@ def _newton(tracked: TrackedParameters, objective: Objective, data: ExampleSet, 
         newton.stale = ratio > 0.25  # a kept Hessian must shrink ‖∇R‖ fast to stay
         theta, value, gradient = candidate, new_value, new_gradient
         fresh = False
+        bar.update(1)
+        bar.set_postfix(gradient=f"{float(gradient.norm()):.2e}")
+        logger.debug("Newton step %d: ‖∇R‖ = %.3e, step length %g", steps,
+                     float(gradient.norm()), step)
     norm = float(gradient.norm())
     return theta, FitReport(float(value), norm, steps, norm <= tol)
 
@@ -237,32 +260,26 @@ def train_steps(model: nn.Module, objective: Objective, train: Any, steps: int,
     everything random inside the model (dropout), in a forked generator that leaves the caller's
     random state alone: the same seed gives the same steps.
     """
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"steps must be an integer ≥ 0, got {steps!r}.")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}.")
+    steps = arguments.integer("steps", steps, minimum=0)
+    batch_size = arguments.positive_integer("batch_size", batch_size)
+    lr = arguments.positive("lr", lr)
+    seed = arguments.integer("seed", seed, minimum=0)
+    arguments.choice("optimizer", optimizer, ("adam", "sgd"))
     data = ExampleSet(train, "training data")
     tracked = TrackedParameters(model, params)
+    decay = objective.decay_vector(tracked.named_tensors())
     leaf = tracked.flat().clone().requires_grad_(True)
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam([leaf], lr=lr)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD([leaf], lr=lr)
-    else:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
+    opt: torch.optim.Optimizer = (torch.optim.Adam([leaf], lr=lr) if optimizer == "adam"
+                                  else torch.optim.SGD([leaf], lr=lr))
     generator = torch.Generator().manual_seed(seed)
     n = len(data)
     b = min(batch_size, n)
     order = torch.randperm(n, generator=generator)
     position = 0
     was_training = model.training
-    devices = [tracked.device] if tracked.device.type == "cuda" else []
     model.train()
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed, [tracked.device]):  # dropout draws from the (forked) global RNG
             for _ in range(steps):
                 if position + b > n:
                     order, position = torch.randperm(n, generator=generator), 0
@@ -270,7 +287,7 @@ def train_steps(model: nn.Module, objective: Objective, train: Any, steps: int,
                 position += b
                 opt.zero_grad()
                 loss = objective.train_loss(tracked.forward(leaf, X), y).mean()
-                (loss + objective.regularizer(leaf)).backward()
+                (loss + objective.regularizer(leaf, decay)).backward()
                 opt.step()
     finally:
         model.train(was_training)
