@@ -105,10 +105,9 @@ def test_empty_test_set(logreg: Problem) -> None:
         _fitted(logreg).influence((logreg.X_test[:0], logreg.y_test[:0]))
 
 
-def test_parameter_name_that_does_not_exist(logreg: Problem) -> None:
-    inf = ik.Influence(logreg.model, logreg.objective, logreg.train, params=["fc.weight"])
+def test_parameter_name_that_does_not_exist_is_refused_at_construction(logreg: Problem) -> None:
     with pytest.raises(ik.UnknownParameterError, match=r"'fc\.weight'.*Available parameters"):
-        inf.fit()
+        ik.Influence(logreg.model, logreg.objective, logreg.train, params=["fc.weight"])
 
 
 def test_training_index_out_of_range(logreg: Problem) -> None:

@@ -12,7 +12,14 @@ import influencekit as ik
 from influencekit.curvature import HessianOperator
 from influencekit.solvers.kfac import _Block
 
-from conftest import Problem, dense_gauss_newton, make_mlp, make_operator
+from conftest import (
+    Problem,
+    dense_gauss_newton,
+    make_mlp,
+    make_operator,
+    pearson,
+    relative_error,
+)
 
 
 def _approximation(solver: ik.solvers.Solver, op: HessianOperator) -> Tensor:
@@ -108,15 +115,27 @@ def test_other_layers_fall_back_to_the_exact_gauss_newton_diagonal() -> None:
                                rtol=1e-9, atol=1e-12)
 
 
-def test_kfac_influence_runs_end_to_end_and_correlates(mlp: Problem) -> None:
-    exact = ik.Influence(mlp.model, mlp.objective, mlp.train, solver="direct", damping=0.01,
-                         curvature="gauss-newton").fit().influence(mlp.test)
-    for name in ("kfac", "ekfac"):
-        inf = ik.Influence(mlp.model, mlp.objective, mlp.train, solver=name, damping=0.01).fit()
-        approx = inf.influence(mlp.test)
-        assert approx.shape == exact.shape
-        assert float(torch.corrcoef(torch.stack([approx.flatten(), exact.flatten()]))[0, 1]) > 0.5
-        assert inf.last_solve_report.solver == name
+@pytest.mark.parametrize(("name", "refine", "whole", "error"), [
+    ("kfac", 0, 0.70, 0.95), ("kfac", 1, 0.80, 0.65),
+    ("ekfac", 0, 0.70, 1.07), ("ekfac", 1, 0.83, 0.60)])
+def test_kronecker_influence_reaches_its_measured_agreement_with_the_dense_gauss_newton(
+        mlp: Problem, name: str, refine: int, whole: float, error: float) -> None:
+    """Against −g_testᵀ (G + λ_d·I)⁻¹ g_train from the dense float64 Gauss-Newton matrix. On this
+    5-unit MLP (40 points) the levels reached are Pearson 0.740 / 0.848 (K-FAC, refine 0 / 1)
+    and 0.752 / 0.876 (EK-FAC) over the whole matrix, relative error 0.91 / 0.60 / 1.02 / 0.56;
+    the bounds leave a margin of about 0.04 and 0.05 (some single rows stay near 0, where the
+    exact row is small)."""
+    G = dense_gauss_newton(mlp, damping=0.01)
+    G_train = torch.stack([mlp.train_grad(i) for i in range(mlp.X.shape[0])])
+    G_test = torch.stack([mlp.test_grad(x, t) for x, t in zip(mlp.X_test, mlp.y_test,
+                                                                 strict=True)])
+    exact = -G_test @ torch.linalg.solve(G, G_train.T)
+    solver = (ik.KFAC if name == "kfac" else ik.EKFAC)(refine=refine)
+    inf = ik.Influence(mlp.model, mlp.objective, mlp.train, solver=solver, damping=0.01).fit()
+    approx = inf.influence(mlp.test)
+    assert pearson(approx, exact) >= whole
+    assert relative_error(approx, exact) <= error
+    assert inf.last_solve_report.solver == name
 
 
 def _layer_indices(block: _Block) -> Tensor:

@@ -159,9 +159,9 @@ def test_continued_training_restores_batch_norm_statistics_between_removals() ->
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"steps": -1}, "steps must be an integer ≥ 0"),
+    ({"steps": -1}, "steps must be a non-negative integer"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"lr": 0.0}, "lr must be > 0"),
+    ({"lr": 0.0}, "lr must be a finite number > 0"),
 ])
 def test_train_steps_checks_its_settings(kwargs: dict, message: str) -> None:
     model, objective, train = _noisy_network()
