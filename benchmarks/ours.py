@@ -150,7 +150,10 @@ def details() -> dict:
         return {}
     report = REPORTS[-1]
     products = report.details.get("products")
-    return {"iterations": report.iterations, "solver_residual": report.relative_residual,
+    residual = report.relative_residual  # NaN where not measured: CG(verify=False) keeps the
+    if residual != residual:             # recurrence's estimate in details
+        residual = report.details.get("recurrence_residual", residual)
+    return {"iterations": report.iterations, "solver_residual": residual,
             "products": None if products is None else int(products), "note": str(report)}
 
 

@@ -106,3 +106,30 @@ def test_solver_figures_are_logged(mlp: Problem, caplog: pytest.LogCaptureFixtur
     assert f"{report.iterations} iterations" in caplog.text
     assert f"recomputed residual {report.relative_residual:.2e}" in caplog.text
     assert not math.isnan(report.relative_residual)
+
+
+def test_a_rank_deficient_gauss_newton_matrix_without_weight_decay_gets_damping() -> None:
+    """p = 115 parameters, 12 examples × 3 outputs: G has rank ≤ 36. Lanczos cannot see its zero
+    eigenvalues; the rule decides on the proven bound λ_min ≥ λ = 0 instead."""
+    X, y = _classification_data(12, 4, 3, seed=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    inf = ik.Influence(model, ik.CrossEntropyObjective(), (X, y), curvature="gauss-newton",
+                       stationarity_tol=None).fit()
+    assert inf.damping_ > 0 and "only known to be ≥ 0" in inf.damping_reason_
+    inf.influence((X[:2], y[:2]))
+    assert inf.last_solve_report.converged is True
+    decayed = ik.Influence(model, ik.CrossEntropyObjective(weight_decay=0.1), (X, y),
+                           curvature="gauss-newton", stationarity_tol=None).fit()
+    assert decayed.damping_ == 0.0 and "(the weight decay" in decayed.damping_reason_
+
+
+def test_lissas_own_damping_is_part_of_the_reported_damping(logreg: Problem) -> None:
+    solver = ik.LiSSA(depth=300, batch_size=1000, damping=0.01)
+    inf = ik.Influence(logreg.model, logreg.objective, logreg.train, solver=solver,
+                       damping=0.02).fit()
+    extra = inf.solver.scale_ * 0.01
+    assert inf.damping_ == pytest.approx(0.02 + extra)
+    assert "LiSSA's own damping adds" in inf.damping_reason_
+    inf.influence(logreg.test)
+    assert inf.last_solve_report.damping == pytest.approx(inf.damping_)

@@ -92,7 +92,7 @@ def _cache(problem: Problem, path: Path, objective: ik.Objective | None = None,
 
 @pytest.mark.parametrize("change", ["theta", "untracked parameter", "buffer", "objective setting",
                                     "weight decay per parameter", "data of the same length",
-                                    "dataset of the same length", "dtype"])
+                                    "dataset of the same length", "dtype", "swapped module"])
 def test_every_way_a_cache_file_goes_stale_is_refused(change: str, tmp_path: Path) -> None:
     """Each change that alters the training gradients makes the file refused, naming the field."""
     problem = _fresh_mlp()
@@ -110,7 +110,8 @@ def test_every_way_a_cache_file_goes_stale_is_refused(change: str, tmp_path: Pat
     field = {"theta": "theta", "untracked parameter": "untracked_parameters_and_buffers",
              "buffer": "untracked_parameters_and_buffers", "objective setting": "objective",
              "weight decay per parameter": "weight_decay", "data of the same length": "data",
-             "dataset of the same length": "data", "dtype": "dtype"}[change]
+             "dataset of the same length": "data", "dtype": "dtype",
+             "swapped module": "model_structure"}[change]
     if change == "theta":
         with torch.no_grad():
             model[0].weight[0, 0] += 1e-6
@@ -139,6 +140,8 @@ def test_every_way_a_cache_file_goes_stale_is_refused(change: str, tmp_path: Pat
     elif change == "dtype":
         model = model.float()
         train = (problem.X.float(), problem.y)
+    elif change == "swapped module":  # the same parameters, another activation
+        model[1] = nn.Softplus()
     inf = ik.Influence(model, objective, train, damping=0.01, params=tracked,
                        stationarity_tol=None).fit()
     with pytest.raises(ik.CacheMismatchError, match=rf"{field}: file .* vs now"):
@@ -187,11 +190,17 @@ def test_cache_files_respect_the_umask(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "buffer", "dtype",
-                                    "replaced parameter"])
+                                    "replaced parameter", "edit through .data",
+                                    "untracked edit through .data", "swapped activation",
+                                    "forward hook", "layer setting", "objective setting",
+                                    "training tensors"])
 def test_a_model_changed_after_fit_is_refused_by_every_call(change: str) -> None:
     problem = _fresh_mlp()
     model = nn.Sequential(*problem.model, nn.BatchNorm1d(3)).double().eval()
-    inf = ik.Influence(model, problem.objective, problem.train, damping=0.01,
+    objective = ik.CrossEntropyObjective(weight_decay=problem.objective.weight_decay)
+    X = problem.X.clone()
+    inf = ik.Influence(model, objective, (X, problem.y), damping=0.01,
+                       params=["2", "3"] if change.startswith("untracked") else None,
                        stationarity_tol=None).fit()
     inf.influence(problem.test)
     if change == "optimizer step":
@@ -210,6 +219,20 @@ def test_a_model_changed_after_fit_is_refused_by_every_call(change: str) -> None
         model.float()
     elif change == "replaced parameter":
         model[2].bias = nn.Parameter(model[2].bias.detach() + 1.0)
+    elif change == "edit through .data":  # bypasses the version counter, as EMA code does
+        model[2].weight.data.add_(1e-7)
+    elif change == "untracked edit through .data":
+        model[0].weight.data.mul_(1.5)
+    elif change == "swapped activation":
+        model[1] = nn.Softplus()
+    elif change == "forward hook":
+        model[0].register_forward_hook(lambda module, inputs, output: 2 * output)
+    elif change == "layer setting":
+        model[3].eps = 0.5
+    elif change == "objective setting":
+        objective.weight_decay = 0.5
+    elif change == "training tensors":
+        X[0, 0] += 1.0
     calls = [lambda: inf.influence(problem.test), lambda: inf.loo_change(problem.test),
              lambda: inf.self_influence(), lambda: inf.params_influence([0]),
              lambda: inf.solve(torch.zeros(inf.tracked_.dim, dtype=torch.float64)),

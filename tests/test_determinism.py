@@ -117,3 +117,19 @@ def test_a_users_bug_is_raised_as_it_is_not_retried_in_a_loop(logreg: Problem) -
             computer.train(tracked.flat(), logreg.X[:4], logreg.y[:4])
     assert not isinstance(raised.value, ik.InfluenceKitError)
     assert computer.vectorize  # still vectorised: nothing was wrong with vmap
+
+
+@pytest.mark.parametrize("solver", ["deflated", "lissa", "arnoldi"])
+def test_scores_do_not_depend_on_the_default_dtype(mlp: Problem, solver: str) -> None:
+    """Random start vectors are drawn in float64 whatever torch's default dtype is."""
+    runs = []
+    for default in (torch.float32, torch.float64):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            runs.append(ik.Influence(mlp.model, mlp.objective, mlp.train,
+                                     solver=eval(SOLVERS[solver]), damping=0.01).fit()
+                        .influence(mlp.test))
+        finally:
+            torch.set_default_dtype(previous)
+    assert torch.equal(runs[0], runs[1])

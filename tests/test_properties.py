@@ -356,3 +356,28 @@ def test_a_model_on_mixed_devices_is_refused() -> None:
         ik.Influence(model, ik.CrossEntropyObjective(), (X, y))
     with pytest.raises(ik.DeviceMismatchError, match="meta tensors hold none"):
         ik.Influence(model.to("meta"), ik.CrossEntropyObjective(), (X, y))
+
+
+def test_sampled_products_check_their_shapes_and_dtypes() -> None:
+    inf = _fitted(torch.float32)
+    op, p = inf.operator_, inf.tracked_.dim
+    indices = torch.zeros(2, 3, dtype=torch.long)
+    assert op.sampled_matvec(torch.ones(2, 1, p), indices).shape == (2, 1, p)
+    with pytest.raises(ik.ShapeMismatchError, match=rf"\(R, k, {p}\)"):
+        op.sampled_matvec(torch.ones(2, p, 1), indices)
+    with pytest.raises(ik.ShapeMismatchError, match="R = 3 groups"):
+        op.sampled_matvec(torch.ones(3, 1, p), indices)
+    with pytest.raises(ik.DtypeError, match="rounded"):
+        op.sampled_matvec(torch.ones(2, 1, p, dtype=torch.float64), indices)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: ik.LiSSA(seed=2**64), r"seed must be .*≤ 4611686018427387904"),
+    (lambda: _influence(damping="Auto"), r"damping must be 'auto' or a finite number"),
+    (lambda: ik.Influence(_model(), ik.CrossEntropyObjective(weight_decay={"": 0.1, "fc": 0}),
+                          _data()[:2]), r"keys \['fc'\] match none"),
+])
+def test_settings_found_wrong_only_later_are_refused_at_construction(make: Callable,
+                                                                    message: str) -> None:
+    with pytest.raises(ik.InfluenceKitError, match=message):
+        make()

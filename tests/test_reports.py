@@ -182,3 +182,31 @@ def test_deflated_refuses_a_singular_base(mlp: Problem) -> None:
     base = ik.Arnoldi(rank=3, remainder="none")
     with pytest.raises(ik.IndefiniteHessianError, match="indefinite or singular"):
         ik.Deflated(base=base, rank=5, iterations=20).prepare(make_operator(mlp, damping=0.01))
+
+
+def test_unverified_cg_that_stopped_early_is_reported_as_not_converged(mlp: Problem) -> None:
+    solver = ik.CG(tol=1e-12, max_iter=2, verify=False)
+    with pytest.warns(ik.ConvergenceWarning, match=r"max_iter=2 with relative residual \d"):
+        solver.prepare(make_operator(mlp, damping=0.01)).solve(_rhs(mlp))
+    report = solver.last_report
+    assert report.converged is False and math.isnan(report.relative_residual)
+    assert report.details["recurrence_residual"] > 1e-12
+
+
+def test_a_verified_approximation_worse_than_zero_warns(mlp: Problem) -> None:
+    """An Arnoldi inverse of an indefinite Hessian whose kept Ritz values are all positive: the
+    guard cannot see it, the measured residual can."""
+    problem = _saddle()
+    solver = ik.Arnoldi(rank=10, remainder="trace", verify=True)
+    with pytest.warns(ik.ConvergenceWarning, match="worse than x = 0"):
+        solver.prepare(make_operator(problem)).solve(_rhs(problem))
+    assert solver.last_report.relative_residual > 1
+
+
+def test_self_influence_reports_every_block_it_solved(mlp: Problem) -> None:
+    inf = ik.Influence(mlp.model, mlp.objective, mlp.train, solver=ik.CG(tol=1e-12),
+                       damping=0.01, chunk_size=7).fit()
+    inf.self_influence()
+    report = inf.last_solve_report
+    assert report.details["solves"] == 6  # 40 points in blocks of 7
+    assert report.converged is True and report.relative_residual <= 1e-12

@@ -35,6 +35,12 @@ def integer(name: str, value: Any, minimum: int | None = None,
     return value
 
 
+def seed(name: str, value: Any) -> int:
+    """A seed for ``torch.Generator.manual_seed``: an ``int`` in [0, 2⁶²] (solvers derive a few
+    more seeds from it by adding small offsets)."""
+    return integer(name, value, minimum=0, maximum=2**62)
+
+
 def positive_integer(name: str, value: Any) -> int:
     """``value`` as an ``int`` ≥ 1."""
     return integer(name, value, minimum=1)

@@ -6,7 +6,10 @@ product. On disk the matrix is stored with a fingerprint of everything it depend
 
 - θ̂ (the tracked parameters), and every untracked parameter and buffer of the model (they enter
   the forward pass: a frozen backbone, batch-norm statistics);
-- the tracked parameter names, the dtype and the device type;
+- the model's structure: ``repr(model)`` (module types and settings such as a LayerNorm's eps or
+  the activation) and how many hooks each module carries (Python code in ``forward()`` cannot
+  be fingerprinted);
+- the tracked parameter names and the dtype;
 - the objective's class and every one of its settings, and the per-coordinate weight decay it
   resolves to (a function-valued weight decay is recorded by the λ it gives);
 - the training data: a SHA-256 over every example's bytes, streamed through the data in chunks
@@ -34,7 +37,7 @@ from .errors import CacheMismatchError, InputTypeError
 from .io import atomic_write_bytes
 from .objective import Objective
 from .parameters import TrackedParameters
-from .snapshot import digest, named_state
+from .snapshot import digest, named_state, structure
 
 __all__ = ["CacheMismatchError", "digest", "fingerprint", "load", "model_digest", "save"]
 
@@ -59,6 +62,8 @@ def fingerprint(tracked: TrackedParameters, theta: Tensor, objective: Objective,
     return {
         "theta": digest(theta),
         "untracked_parameters_and_buffers": model_digest(tracked.model, set(tracked.names)),
+        "model_structure": hashlib.sha256(
+            structure(tracked.model, with_identities=False).encode()).hexdigest(),
         "parameters": ",".join(tracked.names),
         "objective": repr(sorted(objective.settings().items())),
         "weight_decay": digest(decay) if isinstance(decay, Tensor) else float(decay).hex(),

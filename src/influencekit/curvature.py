@@ -248,6 +248,18 @@ class HessianOperator:
         Returns:
             ``(R, k, p)``: ((1/b) Σ_{i ∈ batch r} ∇²ℓ_i + (λ + λ_d)·I) v.
         """
+        if not (isinstance(V, Tensor) and V.ndim == 3 and V.shape[2] == self.dim):
+            raise ShapeMismatchError(
+                f"HessianOperator.sampled_matvec: vectors must have shape (R, k, {self.dim}), got "
+                f"{tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__}.")
+        if not (isinstance(indices, Tensor) and indices.ndim == 2
+                and indices.shape[0] == V.shape[0]):
+            raise ShapeMismatchError(
+                f"HessianOperator.sampled_matvec: indices must have shape (R, b) with R = "
+                f"{V.shape[0]} groups, got {tuple(getattr(indices, 'shape', ()))}.")
+        rows, _ = as_rows(V.reshape(-1, self.dim), self.dim, self.dtype, self.device,
+                          "HessianOperator.sampled_matvec")
+        V = rows.reshape(V.shape)
         R, b = indices.shape
         X, y = self.data.take(indices.reshape(-1), self.device, self.dtype)
         X = X.reshape(R, b, *X.shape[1:])

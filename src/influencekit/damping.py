@@ -13,6 +13,15 @@ precision solves to its default tolerance):
   curvature is then positive definite with condition number about 1/ρ even if the true λ_min is
   twice as negative as the estimate (a Lanczos Ritz value bounds λ_min from above).
 
+A Lanczos estimate of λ_min is only an upper bound, so it cannot show that no damping is needed.
+Where a lower bound is known — the Gauss-Newton matrix of a loss convex in the model output is
+positive semi-definite, so its λ_min is at least the smallest weight decay λ_min(diag(λ)) — the
+first case is decided on that bound, and λ_d = ρ·λ_max − that bound otherwise (a rank-deficient
+Gauss-Newton matrix without weight decay gets ρ·λ_max). For the Hessian, whose data part can be
+indefinite, no such bound exists: when the Ritz values are all above ρ·λ_max the curvature only
+*appears* positive definite, λ_d = 0, and the reason says so; CG refuses the solve if it then
+meets non-positive curvature.
+
 The chosen value and the reason are reported (``Influence.damping_``, ``Influence.damping_reason_``
 and every :class:`~influencekit.solvers.SolveReport`). A trained network's Hessian is usually
 indefinite; a damping chosen this way makes it solvable, but the scores are then those of the
@@ -56,8 +65,10 @@ def _round_up(value: float) -> float:
     return float(f"{math.ceil(value / step) * step:.12g}")
 
 
-def choose_damping(estimate: SpectrumEstimate, dtype: torch.dtype) -> DampingChoice:
-    """λ_d by the rule of the module docstring from ``estimate`` of C's extreme eigenvalues."""
+def choose_damping(estimate: SpectrumEstimate, dtype: torch.dtype,
+                   lower_bound: float | None = None) -> DampingChoice:
+    """λ_d by the rule of the module docstring from ``estimate`` of C's extreme eigenvalues and,
+    if known, a proven ``lower_bound`` of λ_min(C)."""
     rho = RELATIVE_FLOOR.get(dtype, 1e-2)
     low, high = estimate.low, estimate.high
     span = f"[{low:.3g}, {high:.3g}] ({estimate.method})"
@@ -71,8 +82,21 @@ def choose_damping(estimate: SpectrumEstimate, dtype: torch.dtype) -> DampingCho
             "not curve around θ̂ (a model that does not depend on the tracked parameters, or "
             "one far from a minimum); pass damping=... explicitly or check params=...")
     floor = rho * high
+    if not estimate.exact and lower_bound is not None:
+        if lower_bound >= floor:
+            return DampingChoice(0.0, f"no damping needed: the curvature is positive definite, "
+                                      f"λ_min ≥ {lower_bound:.3g} (the weight decay; the data "
+                                      f"part is positive semi-definite) ≥ {rho:g}·λ_max, "
+                                      f"eigenvalues in {span}", estimate)
+        value = _round_up(floor - lower_bound)
+        return DampingChoice(value, f"damping {value:g}: λ_min is only known to be ≥ "
+                                    f"{lower_bound:.3g} (the weight decay), below {rho:g}·λ_max; "
+                                    f"eigenvalues in {span}; λ_d = {rho:g}·λ_max − "
+                                    f"{lower_bound:.3g}", estimate)
     if low >= floor:
-        return DampingChoice(0.0, f"no damping needed: the curvature is positive definite with "
+        verdict = ("positive definite" if estimate.exact else
+                   "apparently positive definite (a Ritz value bounds λ_min only from above)")
+        return DampingChoice(0.0, f"no damping needed: the curvature is {verdict} with "
                                   f"eigenvalues in {span}, condition number "
                                   f"{high / low:.3g} ≤ {1 / rho:g}", estimate)
     value = _round_up(floor + NEGATIVE_MARGIN * max(-low, 0.0))

@@ -56,6 +56,7 @@ from .objective import Objective
 from .parameters import TrackedParameters, evaluation_mode, select_parameter_names
 from .snapshot import ModelSnapshot, named_state
 from .solvers import Solver, SolveReport, make_solver
+from .solvers.base import combine_reports
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class Influence:
                 f"objective must be an influencekit.Objective (e.g. CrossEntropyObjective()), got "
                 f"{type(objective).__name__}."
             )
+        if isinstance(damping, str) and damping != "auto":
+            raise InvalidSettingError(
+                f"damping must be 'auto' or a finite number ≥ 0, got {damping!r}.")
         self.damping = damping if damping == "auto" else arguments.non_negative("damping",
                                                                                   damping)
         self.curvature = arguments.choice("curvature", curvature, CURVATURES)
@@ -142,8 +146,10 @@ class Influence:
             raise InputTypeError(f"params must be None, a parameter name or prefix, or a list of "
                                  f"them; got {params!r}.")
         self.params = params
-        select_parameter_names(model, params)  # unknown names are refused here, not at fit
-        _check_model(model, select_parameter_names(model, params))
+        names = select_parameter_names(model, params)  # unknown names are refused here
+        _check_model(model, names)
+        named = dict(model.named_parameters())
+        objective.decay_vector([(n, named[n]) for n in names])  # so are weight_decay keys
         self.model = model
         self.objective = objective
         self.train_data = ExampleSet(train, "training data")
@@ -178,7 +184,8 @@ class Influence:
         self.num_train_ = len(self.train_data)
         self.input_shape_ = self.train_data.input_shape
         self.train_gradient_norm_ = float(gradient.norm())
-        self.snapshot_ = ModelSnapshot(self.model)
+        self.snapshot_ = ModelSnapshot(self.model, self.objective.settings,
+                                       self.train_data.tensors)
         logger.info(
             "Fitted influence over %d parameters and %d training points; ‖∇R(θ̂)‖ = %.3g; "
             "damping %g.", tracked.dim, self.num_train_, self.train_gradient_norm_,
@@ -188,22 +195,32 @@ class Influence:
 
     @property
     def damping_(self) -> float:
-        """λ_d the fitted solver uses (``damping="auto"``: the chosen value)."""
+        """The damping the scores include: λ_d of the curvature (``damping="auto"``: the chosen
+        value) plus any the solver adds itself (LiSSA's scale·d)."""
         self._require_fitted(check_model=False)
-        return self.operator_.damping
+        return self.operator_.damping + self.solver.extra_damping
 
     @property
     def damping_reason_(self) -> str:
         """Why :attr:`damping_` has its value."""
         self._require_fitted(check_model=False)
         if self.damping_choice_ is None:
-            return f"damping {self.operator_.damping:g} as given"
-        return self.damping_choice_.reason
+            reason = f"damping {self.operator_.damping:g} as given"
+        else:
+            reason = self.damping_choice_.reason
+        extra = self.solver.extra_damping
+        if extra:
+            reason += (f"; plus {extra:.4g} that {type(self.solver).__name__}'s own damping "
+                       f"adds (scale·d), {self.damping_:.4g} in all")
+        return reason
 
     def _choose_damping(self, operator: HessianOperator) -> DampingChoice | None:
         if self.damping != "auto":
             return None
-        choice = choose_damping(self.solver.spectrum_estimate(operator), operator.dtype)
+        bound = None  # a Gauss-Newton matrix of a loss convex in the output is PSD + diag(λ)
+        if operator.curvature == "gauss-newton" and self.objective.convex_in_output:
+            bound = operator.min_shift - operator.damping
+        choice = choose_damping(self.solver.spectrum_estimate(operator), operator.dtype, bound)
         operator.damping = choice.value
         logger.info("damping='auto': %s.", choice.reason)
         return choice
@@ -452,16 +469,21 @@ class Influence:
 
         = −∇_θ L_test(z_i)ᵀ (C + λ_d·I)⁻¹ ∇_θ L(z_i). Typically negative: the more negative, the
         more the point holds up its own fit (mislabelled points come first when sorted
-        ascending). Costs one solve per training point (in blocks of ``chunk_size``).
+        ascending). Costs one solve per training point (in blocks of ``chunk_size``);
+        :attr:`last_solve_report` then covers all blocks (the largest residual, converged only
+        if every block did).
         """
         self._require_fitted()
         out = torch.empty(self.num_train_, dtype=self.theta_.dtype, device=self.theta_.device)
+        reports = []
         for rows, X, y in self._batches(self.train_data, "self-influence"):
             with evaluation_mode(self.model):
                 G_train = _finite(self.gradients_.train(self.theta_, X, y), rows, "training")
                 G_test = _finite(self.gradients_.test(self.theta_, X, y), rows, "test")
                 S = self.solver.solve(G_test)
+            reports.append(self.solver.last_report)
             out[rows] = -(S * G_train).sum(dim=1)
+        self.solver.last_report = combine_reports(reports)
         return out
 
     def top_k(self, test: Any, k: int = 10) -> TopK:

@@ -74,6 +74,10 @@ class Objective(ABC):
             Σ_k (λ_k/2)·‖θ_k‖² over the parameter tensors θ_k.
     """
 
+    #: whether ℓ is convex in the model output for every target (then the Gauss-Newton matrix is
+    #: positive semi-definite); the built-in losses are, a subclass says so by setting it
+    convex_in_output: bool = False
+
     def __init__(self, weight_decay: WeightDecay = 0.0) -> None:
         if isinstance(weight_decay, Mapping):
             for key, value in weight_decay.items():
@@ -192,6 +196,10 @@ def _canonical(value: Any) -> Any:
         return {str(key): _canonical(item) for key, item in sorted(value.items(), key=str)}
     if isinstance(value, list | tuple):
         return [_canonical(item) for item in value]
+    if isinstance(value, torch.nn.Module):
+        state = [*value.named_parameters(), *value.named_buffers()]
+        return {"module": repr(value),
+                "state": {name: _canonical(tensor) for name, tensor in state}}
     if isinstance(value, Tensor):
         data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return {"tensor": list(value.shape), "dtype": str(value.dtype),
@@ -225,6 +233,8 @@ class CrossEntropyObjective(Objective):
     Shapes: outputs ``(b, C)`` logits, targets ``(b,)`` class indices in ``[0, C)`` of any
     integer dtype (int32, uint8, ... are read as int64).
     """
+
+    convex_in_output = True
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets.long(), reduction="none")
@@ -300,6 +310,8 @@ class BinaryLogisticObjective(Objective):
     ``(b, 1)``, targets ``(b,)``.
     """
 
+    convex_in_output = True
+
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         s = _scores(outputs)
         y = _signed_labels(targets.reshape(s.shape), s.dtype)
@@ -319,6 +331,8 @@ class SmoothHingeObjective(Objective):
         temperature: t ≥ 0.
         weight_decay: λ of the L2 term.
     """
+
+    convex_in_output = True
 
     def __init__(self, temperature: float = 0.001, weight_decay: WeightDecay = 0.0) -> None:
         super().__init__(weight_decay)
@@ -343,6 +357,8 @@ class MSEObjective(Objective):
     This is ``torch.nn.MSELoss`` per example. Shapes: outputs ``(b, ...)`` and targets of the
     same shape (targets ``(b,)`` are accepted for outputs ``(b, 1)``).
     """
+
+    convex_in_output = True
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         targets = targets.reshape(outputs.shape).to(outputs.dtype)

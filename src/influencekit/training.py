@@ -263,7 +263,7 @@ def train_steps(model: nn.Module, objective: Objective, train: Any, steps: int,
     steps = arguments.integer("steps", steps, minimum=0)
     batch_size = arguments.positive_integer("batch_size", batch_size)
     lr = arguments.positive("lr", lr)
-    seed = arguments.integer("seed", seed, minimum=0)
+    seed = arguments.seed("seed", seed)
     arguments.choice("optimizer", optimizer, ("adam", "sgd"))
     data = ExampleSet(train, "training data")
     tracked = TrackedParameters(model, params)

@@ -78,7 +78,7 @@ class Arnoldi(ApproximateInverse):
         self.block = arguments.positive_integer("block", block)
         self.remainder = arguments.choice("remainder", remainder, ("trace", "last", "none"))
         self.probes = arguments.positive_integer("probes", probes)
-        self.seed = arguments.integer("seed", seed, minimum=0)
+        self.seed = arguments.seed("seed", seed)
         self.eigenvalues_: Tensor | None = None
         self.eigenvectors_: Tensor | None = None
         self.sigma_: float = float("inf")

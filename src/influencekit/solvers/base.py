@@ -9,7 +9,9 @@ solved, and claims nothing it did not check.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,13 @@ from torch import Tensor
 
 from .. import arguments
 from ..curvature import HessianOperator, as_rows
-from ..errors import InputTypeError, NonFiniteError, NotFittedError, SolverDivergedError
+from ..errors import (
+    ConvergenceWarning,
+    InputTypeError,
+    NonFiniteError,
+    NotFittedError,
+    SolverDivergedError,
+)
 from ..spectrum import SpectrumEstimate, lanczos_ritz_values
 
 #: Lanczos steps of the default spectrum estimate (``damping="auto"``)
@@ -47,8 +55,8 @@ class SolveReport:
         iterations: iterations run (iterative solvers), else ``None``.
         tolerance: the relative residual the solver was asked to reach, if any.
         min_eigenvalue: smallest eigenvalue of A, when known (Direct).
-        max_eigenvalue: largest eigenvalue of A, when known (Direct; an estimate for LiSSA and
-            Arnoldi).
+        max_eigenvalue: largest eigenvalue of A, when known (Direct; the largest Ritz value for
+            Arnoldi, a lower bound).
         details: solver-specific figures.
         notes: caveats in words (e.g. "approximates the Gauss-Newton matrix, not the Hessian").
     """
@@ -145,6 +153,11 @@ class Solver(ABC):
     def curvature(self) -> str:
         """The curvature this solver's answer approximates (the operator's, unless overridden)."""
         return self.operator.curvature
+
+    @property
+    def extra_damping(self) -> float:
+        """Damping the solver adds to the operator's (LiSSA's scale·d); 0 for the others."""
+        return 0.0
 
     def solve(self, V: Tensor) -> Tensor:
         """X with rows x_j = A⁻¹ v_j, for ``V`` of shape ``(k, p)`` (or ``(p,)``).
@@ -267,6 +280,15 @@ class ApproximateInverse(Solver):
         self.last_report = self._report(residual, converged, tolerance=self.tol,
                                         details=self._details(), notes=self._notes(),
                                         **self._report_fields())
+        if residual > 1.0 or converged is False:
+            worse = " — worse than x = 0, so the approximation is no inverse of A here" \
+                if residual > 1.0 else ""
+            warnings.warn(
+                f"{type(self).__name__}'s measured relative residual is {residual:.3g}"
+                f"{worse}{f' (tol={self.tol:g})' if self.tol is not None else ''}. Check the "
+                "damping (the curvature may be indefinite), or use CG for an exact solve "
+                "(ik.CG(preconditioner=...) with this solver as the preconditioner).",
+                ConvergenceWarning, stacklevel=4)
         return X
 
     def _details(self) -> dict[str, float]:
@@ -284,6 +306,28 @@ class ApproximateInverse(Solver):
     def _report_fields(self) -> dict[str, Any]:
         """Further report fields (e.g. ``max_eigenvalue``)."""
         return {}
+
+
+def combine_reports(reports: list[SolveReport | None]) -> SolveReport | None:
+    """One report for several solves of the same solver (e.g. self-influence in blocks): the
+    largest residual and iteration count, converged only if every solve was (``None`` if any
+    was unchecked), the notes of all."""
+    reports = [report for report in reports if report is not None]
+    if len(reports) <= 1:
+        return reports[0] if reports else None
+    residuals = [report.relative_residual for report in reports]
+    verdicts = [report.converged for report in reports]
+    iterations = [report.iterations for report in reports if report.iterations is not None]
+    notes = tuple(dict.fromkeys(note for report in reports for note in report.notes))
+    return dataclasses.replace(
+        reports[-1],
+        relative_residual=float("nan") if any(math.isnan(r) for r in residuals)
+        else max(residuals),
+        converged=None if None in verdicts else all(verdicts),
+        iterations=max(iterations) if iterations else None,
+        details={**reports[-1].details, "solves": len(reports)},
+        notes=notes,
+    )
 
 
 def make_preconditioner(spec: str | Solver | None, owner: str) -> Solver | None:

@@ -105,7 +105,8 @@ class CG(Solver):
         X, iterations, recurrence = solve(V, tol)
         self._check_output(X)
         residual = self._relative_residual(X, V) if self.verify else float("nan")
-        converged = residual <= tol if self.verify else None
+        # unverified: a recurrence above tol is a known failure; below it, nothing was checked
+        converged = residual <= tol if self.verify else (False if recurrence > tol else None)
         details = {"block": float(self.block),
                    "preconditioned": float(self._precondition is not None),
                    "products": float(self._products), "recurrence_residual": recurrence}
@@ -116,13 +117,15 @@ class CG(Solver):
         logger.info("CG: %d iterations, %d products, recurrence residual %.2e, recomputed "
                     "residual %.2e (tol %g).", iterations, self._products, recurrence, residual,
                     tol)
-        self._warn(recurrence <= tol, residual, tol)
+        self._warn(recurrence <= tol, residual, tol, recurrence)
         return X
 
-    def _warn(self, recurrence_converged: bool, residual: float, tol: float) -> None:
+    def _warn(self, recurrence_converged: bool, residual: float, tol: float,
+              recurrence: float) -> None:
         if not recurrence_converged:
+            shown = residual if residual == residual else recurrence
             warnings.warn(
-                f"CG stopped at max_iter={self.max_iter} with relative residual {residual:.2e} "
+                f"CG stopped at max_iter={self.max_iter} with relative residual {shown:.2e} "
                 f"above tol={tol:g}. Raise max_iter, add damping (faster convergence), use a "
                 "preconditioner (preconditioner='ekfac'), or accept the looser solve.",
                 ConvergenceWarning, stacklevel=4,

@@ -68,7 +68,7 @@ class Deflated(ApproximateInverse):
             raise InvalidSettingError(f"rank must be an integer in [1, iterations="
                                       f"{self.iterations}], got {rank!r}.")
         self.block = arguments.positive_integer("block", block)
-        self.seed = arguments.integer("seed", seed, minimum=0)
+        self.seed = arguments.seed("seed", seed)
         from . import make_solver  # the registry imports this module
 
         candidate = make_solver(base)
@@ -98,7 +98,8 @@ class Deflated(ApproximateInverse):
             heaviest = torch.argsort(operator.curvature_weights(), descending=True)
             krylov_operator = operator.restricted(heaviest[: self.subset])
         generator = torch.Generator().manual_seed(self.seed)
-        start = torch.randn(min(self.block, self.iterations), operator.dim, generator=generator)
+        start = torch.randn(min(self.block, self.iterations), operator.dim, generator=generator,
+                            dtype=torch.float64)
         theta, vectors = krylov_eigenpairs(lambda V: root(krylov_operator.matvec(root(V))),
                                            start.to(operator.device, operator.dtype),
                                            min(self.iterations, operator.dim),

@@ -161,7 +161,7 @@ class KFAC(ApproximateInverse):
         the weight decay), from its factors (which ``prepare`` then reuses)."""
         self._fit(operator)
         low, high = self._eigenvalue_range(damping=0.0)
-        return SpectrumEstimate(low, high, f"{self.name} factors", False)
+        return SpectrumEstimate(low, high, f"{self.name} factors", True)  # of the approximation
 
     def _eigenvalue_range(self, damping: float) -> tuple[float, float]:
         lows, highs = [], []

@@ -22,7 +22,8 @@ every M: the damping is applied inside M, never as c·M⁻¹. The rate is set by
 M (A + c·I), which cluster near 1. By default ``scale`` = 1.2 μ / (1 − 1.2·d·m), with μ the
 largest eigenvalue of M·A (power iteration, over the full data and mini-batches) and m that of M:
 then M(A + scale·d·I)/scale, whose eigenvalues are at most (μ + scale·d·m)/scale, stays below
-1/1.2. That needs 1.2·d·m < 1; a larger d is refused (M ≈ A⁻¹ makes m as large as 1/λ_min(A)).
+1/1.2. That needs 1.2·d·m < 1, and as it nears 1 the scale, and scale·d with it, grows without
+bound; d with 1.2·d·m > 0.5 is refused (M ≈ A⁻¹ makes m as large as 1/λ_min(A)).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from ..spectrum import lanczos_ritz_values
 from .base import Solver, make_preconditioner, max_ratio
 
 logger = logging.getLogger(__name__)
+
+#: largest 1.2·d·λ_max(M) accepted with a preconditioner: the scale at most doubles
+MAX_GROWTH = 0.5
 
 
 class LiSSA(Solver):
@@ -84,7 +88,7 @@ class LiSSA(Solver):
         self.batch_size = arguments.positive_integer("batch_size", batch_size)
         self.damping = arguments.real("damping (the recursion's d, in [0, 1))", damping,
                                       minimum=0.0, maximum=1.0, strict_maximum=True)
-        self.seed = arguments.integer("seed", seed, minimum=0)
+        self.seed = arguments.seed("seed", seed)
         self.tol = arguments.positive("tol", tol)
         self.tail = arguments.real("tail (the fraction of final steps averaged; 0 is the "
                                    "paper's last iterate)", tail, minimum=0.0, maximum=1.0)
@@ -95,7 +99,7 @@ class LiSSA(Solver):
         self.max_eigenvalue_: float | None = None
 
     @property
-    def extra_damping_(self) -> float:
+    def extra_damping(self) -> float:
         """c = scale·d, added to the operator's damping by the recursion."""
         return (self.scale_ or 0.0) * self.damping
 
@@ -113,13 +117,15 @@ class LiSSA(Solver):
         growth = 0.0
         if inner is not None and self.damping > 0:
             growth = 1.2 * self.damping * self._largest_preconditioner_eigenvalue(operator)
-            if growth >= 1.0:
+            if growth > MAX_GROWTH:
                 raise InvalidSettingError(
-                    f"LiSSA(damping={self.damping:g}) with a preconditioner cannot converge: the "
-                    f"recursion's damping enters as d·M with λ_max(M) ≈ "
-                    f"{growth / (1.2 * self.damping):.3g}, so d must stay below "
-                    f"{self.damping / growth:.3g}. Put the damping into A instead "
-                    "(Influence(damping=...), applied exactly), or lower d."
+                    f"LiSSA(damping={self.damping:g}) with a preconditioner cannot converge "
+                    f"usefully: the recursion's damping enters as d·M with λ_max(M) ≈ "
+                    f"{growth / (1.2 * self.damping):.3g}, and the scale that keeps it stable, "
+                    "1.2·λ_max(M·A)/(1 − 1.2·d·λ_max(M)), would grow without bound (and scale·d "
+                    f"with it); d must stay below {MAX_GROWTH * self.damping / growth:.3g}. Put "
+                    "the damping into A instead (Influence(damping=...), applied exactly), or "
+                    "lower d."
                 )
         self.scale_ = 1.2 * self.max_eigenvalue_ / (1.0 - growth)
         return self
@@ -134,8 +140,8 @@ class LiSSA(Solver):
                                  iters: int = 20) -> float:
         """Largest eigenvalue of A (or of M·A), over the full data and a few mini-batches."""
         M = self._precondition
-        start = torch.randn(1, op.dim, generator=torch.Generator().manual_seed(self.seed))
-        start = start.to(op.device, op.dtype)
+        start = torch.randn(1, op.dim, generator=torch.Generator().manual_seed(self.seed),
+                            dtype=torch.float64).to(op.device, op.dtype)
 
         def largest(matvec: Callable[[Tensor], Tensor]) -> float:
             if self.preconditioner is not None:  # M·A: real positive eigenvalues, not symmetric
@@ -167,7 +173,7 @@ class LiSSA(Solver):
         generator = torch.Generator().manual_seed(self.seed)
         M = self._precondition
         preconditioned = self.preconditioner is not None
-        extra = self.extra_damping_  # c: the recursion solves (A + c·I) X = V
+        extra = self.extra_damping  # c: the recursion solves (A + c·I) X = V
         V_rep = M(V).unsqueeze(0).expand(R, k, p)
         S = V_rep.clone()
         limit = 1e12 * float(V_rep[0].norm()) + 1e-300
