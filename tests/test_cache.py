@@ -10,6 +10,8 @@ from unittest import mock
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -166,9 +168,10 @@ def test_a_cache_file_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     problem = _fresh_mlp()
     path = tmp_path / "grads.pt"
     _cache(problem, path)
-    payload = torch.load(path, weights_only=True)
-    payload["gradients"] = payload["gradients"][:-1]
-    torch.save(payload, path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        gradients = handle.get_tensor("gradients")
+    save_file({"gradients": gradients[:-1].contiguous()}, path, metadata=metadata)
     with pytest.raises(ik.CacheMismatchError, match=r"holds \(23, \d+\).*expected .*\(24, \d+\)"):
         _cache(problem, path)
     path.write_bytes(b"not a cache")

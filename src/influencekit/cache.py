@@ -18,18 +18,20 @@ product. On disk the matrix is stored with a fingerprint of everything it depend
   only when the same ``data_id`` is passed again.
 
 Loading for anything else is refused with the fields that differ, never silently mixed; the
-array's shape and dtype are checked too. Files are written by :mod:`influencekit.io`'s atomic
-writer.
+array's shape and dtype are checked too. The file is safetensors (the fingerprint in its string
+metadata), written by :mod:`influencekit.io`'s atomic writer; no pickle is read or written.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io as _bytes_io
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
 from .data import ExampleSet
@@ -74,10 +76,11 @@ def fingerprint(tracked: TrackedParameters, theta: Tensor, objective: Objective,
 
 
 def save(path: str | Path, gradients: Tensor, meta: dict) -> Path:
-    """Write the gradients and their fingerprint atomically (see :mod:`influencekit.io`)."""
-    buffer = _bytes_io.BytesIO()
-    torch.save({"gradients": gradients.detach().cpu(), "meta": meta}, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    """Write the gradients (safetensors, with the fingerprint as its string metadata)
+    atomically through :mod:`influencekit.io`; no pickle."""
+    payload = save_tensors({"gradients": gradients.detach().cpu().contiguous()},
+                           metadata={key: str(value) for key, value in meta.items()})
+    return atomic_write_bytes(path, payload)
 
 
 def load(path: str | Path, expected: dict, shape: tuple[int, int],
@@ -85,13 +88,15 @@ def load(path: str | Path, expected: dict, shape: tuple[int, int],
     """The cached gradients if made for ``expected`` with this shape and dtype, else
     :class:`CacheMismatchError` naming what differs."""
     try:
-        payload: Any = torch.load(Path(path), weights_only=True)
+        payload = Path(path).read_bytes()
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_tensors(payload)
     except Exception as error:  # a truncated or foreign file: say so, do not guess
         raise CacheMismatchError(
             f"The gradient cache {path} cannot be read as an influencekit cache ({error}). "
             "Delete it or pass another path to recompute.") from error
-    meta = payload.get("meta", {}) if isinstance(payload, dict) else {}
-    differing = sorted(k for k in expected if meta.get(k) != expected[k])
+    differing = sorted(k for k in expected if meta.get(k) != str(expected[k]))
     if differing:
         details = "; ".join(f"{k}: file {_short(meta.get(k))} vs now {_short(expected[k])}"
                             for k in differing)
@@ -101,11 +106,11 @@ def load(path: str | Path, expected: dict, shape: tuple[int, int],
             f"The gradient cache {path} was made for something else ({details}).{hint} Delete "
             "it or pass another path to recompute; influencekit never mixes caches."
         )
-    gradients = payload.get("gradients")
+    gradients = tensors.get("gradients")
     if not isinstance(gradients, Tensor) or tuple(gradients.shape) != shape \
             or gradients.dtype != dtype:
         found = (f"{tuple(gradients.shape)} {gradients.dtype}" if isinstance(gradients, Tensor)
-                 else type(gradients).__name__)
+                 else "no gradients")
         raise CacheMismatchError(
             f"The gradient cache {path} holds {found}, expected an array of shape {shape} and "
             f"dtype {dtype}. Delete it or pass another path to recompute.")

@@ -162,6 +162,19 @@ class HessianOperator:
         order = self._modes(SMALL_BLOCK)
         return order[0] if order else "none"
 
+    def mode_state(self) -> dict:
+        """How products are formed, as decided so far (saved with a fit, see ``restore_modes``)."""
+        return {"large_block_mode": self._large_block_mode,
+                "failed_modes": sorted(self._failed_modes),
+                "grouped_vmap": self._grouped_vmap, "vectorized_ggn": self._vectorized_ggn}
+
+    def restore_modes(self, state: dict) -> None:
+        """Take back :meth:`mode_state`: a saved fit forms its products the same way."""
+        self._large_block_mode = state["large_block_mode"]
+        self._failed_modes = set(state["failed_modes"])
+        self._grouped_vmap = bool(state["grouped_vmap"])
+        self._vectorized_ggn = bool(state["vectorized_ggn"])
+
     def _add_shift(self, out: Tensor, V: Tensor) -> Tensor:
         shift = self.shift
         if isinstance(shift, Tensor):

@@ -177,21 +177,47 @@ class Influence:
             self.solver.progress = self.solver.progress or self.progress
             self.damping_choice_ = self._choose_damping(operator)
             self.solver.prepare(operator)
-        self.theta_ = theta
-        self._gradient_cache: Tensor | None = None
-        self.gradients_ = gradients
-        self.operator_ = operator
-        self.num_train_ = len(self.train_data)
-        self.input_shape_ = self.train_data.input_shape
-        self.train_gradient_norm_ = float(gradient.norm())
-        self.snapshot_ = ModelSnapshot(self.model, self.objective.settings,
-                                       self.train_data.tensors)
+        self._bind(theta, gradients, operator, float(gradient.norm()))
         logger.info(
             "Fitted influence over %d parameters and %d training points; ‖∇R(θ̂)‖ = %.3g; "
             "damping %g.", tracked.dim, self.num_train_, self.train_gradient_norm_,
             self.damping_,
         )
         return self
+
+    def _bind(self, theta: Tensor, gradients: GradientComputer, operator: HessianOperator,
+              train_gradient_norm: float) -> None:
+        """Hold the fitted state (after ``fit`` or a load) and snapshot what it is for."""
+        self.tracked_ = gradients.tracked
+        self.theta_ = theta
+        self._gradient_cache: Tensor | None = None
+        self.gradients_ = gradients
+        self.operator_ = operator
+        self.num_train_ = len(self.train_data)
+        self.input_shape_ = self.train_data.input_shape
+        self.train_gradient_norm_ = train_gradient_norm
+        self.snapshot_ = ModelSnapshot(self.model, self.objective.settings,
+                                       self.train_data.tensors)
+
+    def save(self, folder: str | Path, data_id: str | None = None) -> Path:
+        """Write what ``fit()`` computed to ``folder``: tensors as safetensors, everything else
+        as a JSON manifest with the settings, versions and fingerprint (see
+        :mod:`influencekit.store.fitted`). ``data_id`` names the training data instead of a
+        hash of its examples. Returns the folder."""
+        from .store import fitted
+
+        self._require_fitted()
+        return fitted.save(self, Path(folder), data_id)
+
+    @classmethod
+    def load(cls, folder: str | Path, model: nn.Module, objective: Objective, train: Any,
+             data_id: str | None = None, progress: bool = False) -> Influence:
+        """A fitted Influence from :meth:`save`'s folder, without a pass of the model over the
+        data; refused (:class:`~influencekit.errors.CacheMismatchError`, naming the fields) if
+        ``model``, ``objective`` or ``train`` differ from what was saved."""
+        from .store import fitted
+
+        return fitted.load(Path(folder), model, objective, train, data_id, progress)
 
     @property
     def damping_(self) -> float:

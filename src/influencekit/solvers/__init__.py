@@ -36,6 +36,20 @@ def make_solver(spec: str | Solver) -> Solver:
     )
 
 
+def solver_from_settings(spec: dict) -> Solver:
+    """A fresh solver from ``{"solver": class name, "settings": constructor arguments}`` (what
+    :meth:`Solver.settings` and saved state record); nested solvers are rebuilt too."""
+    classes = {cls.__name__: cls for cls in SOLVERS.values()}
+    name = spec.get("solver") if isinstance(spec, dict) else None
+    if name not in classes:
+        raise UnknownSolverError(f"Saved state names solver {name!r}; this influencekit knows "
+                                 f"{sorted(classes)}.")
+    arguments = {key: solver_from_settings(value)
+                 if isinstance(value, dict) and "solver" in value else value
+                 for key, value in spec.get("settings", {}).items()}
+    return classes[name](**arguments)
+
+
 __all__ = [
     "CG",
     "EKFAC",
@@ -49,4 +63,5 @@ __all__ = [
     "SolveReport",
     "Solver",
     "make_solver",
+    "solver_from_settings",
 ]

@@ -102,6 +102,20 @@ class Arnoldi(ApproximateInverse):
         self.sigma_ = self._remainder_value(generator)
         return self
 
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors = {"eigenvalues": self.eigenvalues_, "eigenvectors": self.eigenvectors_,
+                   "remainder": torch.tensor(self.sigma_, dtype=torch.float64)}
+        return tensors, {"clamped_from": self._clamped_from}
+
+    def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
+                values: dict) -> Arnoldi:
+        super().restore(operator, tensors, values)
+        self.eigenvalues_ = tensors["eigenvalues"].to(operator.device)
+        self.eigenvectors_ = tensors["eigenvectors"].to(operator.device)
+        self.sigma_ = float(tensors["remainder"])
+        self._clamped_from = values["clamped_from"]
+        return self
+
     def _check_positive(self, theta: Tensor) -> None:
         kept = self.eigenvalues_
         floor = 10 * torch.finfo(self.operator.dtype).eps * float(theta.abs().max())

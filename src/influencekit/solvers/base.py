@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -148,6 +149,26 @@ class Solver(ABC):
                                    operator.device)
         exact = steps == operator.dim
         return SpectrumEstimate(float(ritz[0]), float(ritz[-1]), f"Lanczos, {steps} steps", exact)
+
+    # --------------------------------------------------------------- saved state
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments of this solver, JSON-able (a nested solver, such as a
+        preconditioner given as an object, as ``{"solver": class name, "settings": ...}``)."""
+        return {name: _setting(getattr(self, name))
+                for name in inspect.signature(type(self).__init__).parameters if name != "self"}
+
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What ``prepare`` computed that is costly to recompute: tensors (saved as safetensors)
+        and JSON-able values. :meth:`restore` takes them back."""
+        return {}, {}
+
+    def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
+                values: dict[str, Any]) -> Solver:
+        """Bind to ``operator`` and take back :meth:`fitted_state`, without a pass over the
+        data (the inverse of ``prepare`` for a saved fit)."""
+        Solver.prepare(self, operator)
+        return self
 
     @property
     def curvature(self) -> str:
@@ -308,6 +329,23 @@ class ApproximateInverse(Solver):
         return {}
 
 
+def _setting(value: Any) -> Any:
+    if isinstance(value, Solver):
+        return {"solver": type(value).__name__, "settings": value.settings()}
+    return value
+
+
+def prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with ``prefix/`` before every name (nested solvers' saved state)."""
+    return {f"{prefix}/{name}": tensor for name, tensor in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors under ``prefix/``, with the prefix taken off."""
+    start = f"{prefix}/"
+    return {name[len(start):]: t for name, t in tensors.items() if name.startswith(start)}
+
+
 def combine_reports(reports: list[SolveReport | None]) -> SolveReport | None:
     """One report for several solves of the same solver (e.g. self-influence in blocks): the
     largest residual and iteration count, converged only if every solve was (``None`` if any
@@ -346,6 +384,24 @@ def make_preconditioner(spec: str | Solver | None, owner: str) -> Solver | None:
             f"{owner}: {type(inner).__name__} is not a fixed linear map of its input and cannot "
             "serve as a preconditioner; use 'ekfac', 'kfac', 'arnoldi', 'deflated' or 'direct'."
         )
+    return inner
+
+
+def preconditioner_state(inner: Solver | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A prepared preconditioner's saved state, under ``preconditioner/``."""
+    if inner is None:
+        return {}, {}
+    tensors, values = inner.fitted_state()
+    return prefixed("preconditioner", tensors), {"preconditioner": values}
+
+
+def restore_preconditioner(spec: str | Solver | None, owner: str, operator: HessianOperator,
+                           tensors: dict[str, Tensor], values: dict[str, Any]) -> Solver | None:
+    """The preconditioner of ``spec`` restored from :func:`preconditioner_state`'s output."""
+    inner = make_preconditioner(spec, owner)
+    if inner is not None:
+        inner.restore(operator, unprefixed("preconditioner", tensors),
+                      values.get("preconditioner", {}))
     return inner
 
 

@@ -46,7 +46,13 @@ from .. import arguments
 from ..curvature import HessianOperator
 from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedError
 from ..linalg import orthonormal_columns
-from .base import Solver, make_preconditioner, max_ratio
+from .base import (
+    Solver,
+    make_preconditioner,
+    max_ratio,
+    preconditioner_state,
+    restore_preconditioner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +90,26 @@ class CG(Solver):
         make_preconditioner(preconditioner, "CG")  # checked now, prepared with the operator
         self.preconditioner = preconditioner
         self._precondition: Callable[[Tensor], Tensor] | None = None
+        self._inner: Solver | None = None
         self._products = 0  # Hessian-vector products of the last solve
 
     def prepare(self, operator: HessianOperator) -> CG:
         super().prepare(operator)
-        self._precondition = None
-        inner = make_preconditioner(self.preconditioner, "CG")
-        if inner is not None:
-            inner.progress = self.progress
-            self._precondition = inner.prepare(operator).apply_inverse
+        self._precondition, self._inner = None, make_preconditioner(self.preconditioner, "CG")
+        if self._inner is not None:
+            self._inner.progress = self.progress
+            self._precondition = self._inner.prepare(operator).apply_inverse
+        return self
+
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        return preconditioner_state(self._inner)
+
+    def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
+                values: dict) -> CG:
+        super().restore(operator, tensors, values)
+        self._inner = restore_preconditioner(self.preconditioner, "CG", operator, tensors,
+                                             values)
+        self._precondition = None if self._inner is None else self._inner.apply_inverse
         return self
 
     def _tolerance(self) -> float:

@@ -37,7 +37,7 @@ from .. import arguments
 from ..curvature import HessianOperator
 from ..errors import IndefiniteHessianError, InputTypeError, InvalidSettingError
 from ..spectrum import krylov_eigenpairs
-from .base import ApproximateInverse, Solver
+from .base import ApproximateInverse, Solver, prefixed, unprefixed
 
 
 class Deflated(ApproximateInverse):
@@ -115,6 +115,26 @@ class Deflated(ApproximateInverse):
         self._theta = theta[worst].to(operator.dtype)
         # M^½ [I + U D Uᵀ] M^½ = M + Z D Zᵀ with Z = M^½ U: one base solve and two thin products
         self._Z = root(vectors[worst])
+        self._D = 1.0 / self._theta - 1.0
+        return self
+
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        base_tensors, base_values = self._base.fitted_state()
+        tensors = {**prefixed("base", base_tensors), "ritz_values": self.ritz_values_,
+                   "deflated_values": self._theta, "directions": self._Z}
+        return tensors, {"base": base_values}
+
+    def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
+                values: dict) -> Deflated:
+        super().restore(operator, tensors, values)
+        from . import make_solver  # the registry imports this module
+
+        self._base = make_solver(self.base).restore(operator, unprefixed("base", tensors),
+                                                    values["base"])
+        device = operator.device
+        self.ritz_values_ = tensors["ritz_values"].to(device)
+        self._theta = tensors["deflated_values"].to(device)
+        self._Z = tensors["directions"].to(device)
         self._D = 1.0 / self._theta - 1.0
         return self
 

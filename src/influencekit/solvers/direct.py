@@ -62,7 +62,7 @@ class Direct(Solver):
                 "solver='cg' (or 'lissa'), track fewer parameters, or raise Direct(max_dim=...)."
             )
         mu, Q = torch.linalg.eigh(operator.dense(self.block).to(torch.float64))
-        mu = mu - operator.damping
+        mu, Q = mu - operator.damping, Q.contiguous()
         self._decomposed = (operator, mu, Q)
         return mu, Q
 
@@ -79,7 +79,23 @@ class Direct(Solver):
 
     def prepare(self, operator: HessianOperator) -> Direct:
         super().prepare(operator)
-        mu_c, Q = self._decomposition(operator)
+        return self._bind(*self._decomposition(operator))
+
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        mu_c, Q = self._decomposition(self.operator)
+        return {"undamped_eigenvalues": mu_c, "eigenvectors": Q}, {}
+
+    def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
+                values: dict) -> Direct:
+        super().restore(operator, tensors, values)
+        mu_c = tensors["undamped_eigenvalues"].to(operator.device, torch.float64)
+        Q = tensors["eigenvectors"].to(operator.device, torch.float64)
+        self._decomposed = (operator, mu_c, Q)
+        return self._bind(mu_c, Q)
+
+    def _bind(self, mu_c: Tensor, Q: Tensor) -> Direct:
+        """Keep A = Q·diag(μ_c + λ_d)·Qᵀ, or refuse it if not clearly positive definite."""
+        operator = self.operator
         mu = mu_c + operator.damping
         p = operator.dim
         mu_min, mu_max = float(mu[0]), float(mu[-1])
@@ -87,7 +103,9 @@ class Direct(Solver):
         if mu_min <= floor:
             raise IndefiniteHessianError(
                 _indefinite_message(mu_min, mu_max, operator.damping, floor))
-        self._Q, self.eigenvalues_ = Q, mu  # A = Q·diag(μ)·Qᵀ; nothing else p×p is kept
+        # A = Q·diag(μ)·Qᵀ; nothing else p×p is kept. Row-major, as a saved fit reloads it, so
+        # that the products (and the scores) are bit-identical after a load
+        self._Q, self.eigenvalues_ = Q.contiguous(), mu
         return self
 
     def _apply(self, V: Tensor, power: float = 1.0) -> Tensor:

@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from .. import arguments
 from ..curvature import HessianOperator
-from ..errors import IndefiniteHessianError
+from ..errors import CacheMismatchError, IndefiniteHessianError
 from ..spectrum import SpectrumEstimate
 from .base import ApproximateInverse
 
@@ -84,6 +84,7 @@ class _Block:
     bias: slice | None
     out_features: int
     in_features: int  # including the bias column
+    name: str = ""
     A: Tensor | None = None
     S: Tensor | None = None
     Q_A: Tensor | None = None
@@ -194,13 +195,8 @@ class KFAC(ApproximateInverse):
         none of them depends on the damping."""
         if self._fitted_for is operator:
             return
-        self._operator = operator
-        tracked = operator.gradients.tracked
-        offsets = _offsets(tracked.names, tracked.numels)
-        self.blocks_, covered = self._find_blocks(tracked.model, offsets)
-        rest = [i for name in tracked.names if name not in covered
-                for i in range(offsets[name].start, offsets[name].stop)]
-        self.fallback_ = torch.tensor(rest, dtype=torch.long, device=operator.device)
+        self._layout(operator)
+        rest = self.fallback_.tolist()
         if rest:
             logger.info("%s: %d tracked parameters outside Linear/Conv2d layers use the diagonal "
                         "of the Gauss-Newton matrix.", type(self).__name__, len(rest))
@@ -214,6 +210,48 @@ class KFAC(ApproximateInverse):
         if rest:
             self._fallback_diagonal()
         self._fitted_for = operator
+
+    def _layout(self, operator: HessianOperator) -> None:
+        """The Linear/Conv2d blocks of the tracked parameters and the fallback coordinates."""
+        self._operator = operator
+        tracked = operator.gradients.tracked
+        offsets = _offsets(tracked.names, tracked.numels)
+        self.blocks_, covered = self._find_blocks(tracked.model, offsets)
+        rest = [i for name in tracked.names if name not in covered
+                for i in range(offsets[name].start, offsets[name].stop)]
+        self.fallback_ = torch.tensor(rest, dtype=torch.long, device=operator.device)
+
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors: dict[str, Tensor] = {}
+        for i, block in enumerate(self.blocks_):
+            for field_name in ("A", "S", "Q_A", "Q_S", "scale"):
+                tensors[f"blocks/{i}/{field_name}"] = getattr(block, field_name)
+            if isinstance(block.decay, Tensor):
+                tensors[f"blocks/{i}/decay"] = block.decay
+        if self.fallback_ is not None and self.fallback_.numel():
+            tensors["fallback_diagonal"] = self.fallback_diagonal_
+        decays = [None if isinstance(b.decay, Tensor) else b.decay for b in self.blocks_]
+        return tensors, {"blocks": [block.name for block in self.blocks_], "decays": decays}
+
+    def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
+                values: dict) -> KFAC:
+        super().restore(operator, tensors, values)
+        self._layout(operator)
+        names = [block.name for block in self.blocks_]
+        if names != values["blocks"]:
+            raise CacheMismatchError(
+                f"The saved {type(self).__name__} factors are for the layers {values['blocks']}, "
+                f"this model has {names}.")
+        device = operator.device
+        for i, (block, decay) in enumerate(zip(self.blocks_, values["decays"], strict=True)):
+            for field_name in ("A", "S", "Q_A", "Q_S", "scale"):
+                setattr(block, field_name, tensors[f"blocks/{i}/{field_name}"].to(device))
+            block.decay = tensors[f"blocks/{i}/decay"].to(device) if decay is None else decay
+        if self.fallback_.numel():
+            self.fallback_diagonal_ = tensors["fallback_diagonal"].to(device)
+        self._fitted_for = operator
+        self._check_invertible()
+        return self
 
     def _rotate_decay(self) -> None:
         """Each block's weight decay as its diagonal in the eigenbasis, (1, in) (or a float)."""
@@ -243,7 +281,8 @@ class KFAC(ApproximateInverse):
             weight = module.weight
             out_features = weight.shape[0]
             in_features = weight[0].numel() + (1 if bias is not None else 0)
-            blocks.append(_Block(module, offsets[name_w], bias, out_features, in_features))
+            blocks.append(_Block(module, offsets[name_w], bias, out_features, in_features,
+                                 prefix))
             covered.add(name_w)
             if bias is not None:
                 covered.add(name_b)
@@ -380,7 +419,8 @@ class KFAC(ApproximateInverse):
             lam_A, Q_A = torch.linalg.eigh(block.A.double())
             lam_S, Q_S = torch.linalg.eigh(block.S.double())
             dtype = self.operator.dtype
-            block.Q_A, block.Q_S = Q_A.to(dtype), Q_S.to(dtype)
+            # row-major, as a saved fit reloads them: bit-identical products after a load
+            block.Q_A, block.Q_S = Q_A.to(dtype).contiguous(), Q_S.to(dtype).contiguous()
             block.scale = torch.outer(lam_S.clamp_min(0), lam_A.clamp_min(0)).to(dtype)
 
     def _correct_eigenvalues(self) -> None:

@@ -41,7 +41,13 @@ from .. import arguments
 from ..curvature import HessianOperator
 from ..errors import ConvergenceWarning, InvalidSettingError, SolverDivergedError
 from ..spectrum import lanczos_ritz_values
-from .base import Solver, make_preconditioner, max_ratio
+from .base import (
+    Solver,
+    make_preconditioner,
+    max_ratio,
+    preconditioner_state,
+    restore_preconditioner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ class LiSSA(Solver):
         make_preconditioner(preconditioner, "LiSSA")  # checked now, prepared with the operator
         self.preconditioner = preconditioner
         self._precondition: Callable[[Tensor], Tensor] = _identity
+        self._inner: Solver | None = None
         self.scale_: float | None = None
         self.max_eigenvalue_: float | None = None
 
@@ -103,10 +110,23 @@ class LiSSA(Solver):
         """c = scale·d, added to the operator's damping by the recursion."""
         return (self.scale_ or 0.0) * self.damping
 
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors, values = preconditioner_state(self._inner)
+        return tensors, {**values, "scale": self.scale_, "max_eigenvalue": self.max_eigenvalue_}
+
+    def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
+                values: dict) -> LiSSA:
+        super().restore(operator, tensors, values)
+        self._inner = restore_preconditioner(self.preconditioner, "LiSSA", operator, tensors,
+                                             values)
+        self._precondition = _identity if self._inner is None else self._inner.apply_inverse
+        self.scale_, self.max_eigenvalue_ = values["scale"], values["max_eigenvalue"]
+        return self
+
     def prepare(self, operator: HessianOperator) -> LiSSA:
         super().prepare(operator)
         self._precondition = _identity
-        inner = make_preconditioner(self.preconditioner, "LiSSA")
+        inner = self._inner = make_preconditioner(self.preconditioner, "LiSSA")
         if inner is not None:
             inner.progress = self.progress
             self._precondition = inner.prepare(operator).apply_inverse

@@ -1,0 +1,1 @@
+"""On-disk formats: a saved fit (``fitted``); all written through :mod:`influencekit.io`."""
