@@ -38,8 +38,8 @@ from .objective import (
     SmoothHingeObjective,
 )
 from .solvers import CG, EKFAC, KFAC, Arnoldi, Deflated, Direct, LiSSA, SolveReport
-
-__version__ = "0.1.0"
+from .store import ScoreStore, open_store
+from .version import __version__
 
 __all__ = [
     "CG",
@@ -68,6 +68,7 @@ __all__ = [
     "NotFittedError",
     "Objective",
     "ObjectiveMismatchError",
+    "ScoreStore",
     "ShapeMismatchError",
     "SmoothHingeObjective",
     "SolveReport",
@@ -79,6 +80,7 @@ __all__ = [
     "UnknownSolverError",
     "UnsupportedModelError",
     "__version__",
+    "open_store",
     "solvers",
     "training",
     "validation",

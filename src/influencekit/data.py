@@ -206,22 +206,30 @@ class ExampleSet:
         return self._cached_loader[1]
 
     def batches(self, chunk_size: int, device: torch.device | None = None,
-                dtype: torch.dtype | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        """Consecutive batches ``(rows, X, y)`` covering the examples in order.
+                dtype: torch.dtype | None = None,
+                rows: slice | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """Consecutive batches ``(rows, X, y)`` covering the examples in order (only those in
+        ``rows``, a ``slice(start, stop)`` of example indices, if given).
 
-        ``rows`` is the slice of example indices the batch holds.
+        ``rows`` of each batch is the slice of example indices it holds.
         """
         arguments.positive_integer("chunk_size", chunk_size)
         n = len(self)
+        first, last = (0, n) if rows is None else (rows.start or 0, min(rows.stop, n))
         if self._tensors is not None:
             X, y = self._tensors
-            for start in range(0, n, chunk_size):
-                stop = min(start + chunk_size, n)
+            for start in range(first, last, chunk_size):
+                stop = min(start + chunk_size, last)
                 yield slice(start, stop), *_convert((X[start:stop], y[start:stop]), device,
                                                     dtype, self.name)
             return
-        loader = self._loader(chunk_size)
-        start = 0
+        if rows is None:
+            loader = self._loader(chunk_size)
+        else:
+            loader = DataLoader(Subset(self._dataset, range(first, last)),  # type: ignore[arg-type]
+                                batch_size=chunk_size, shuffle=False, collate_fn=self._collate,
+                                num_workers=self._num_workers)
+        start = first
         for batch in loader:
             X, y = _convert(batch, device, dtype, self.name)
             stop = start + X.shape[0]

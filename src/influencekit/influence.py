@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,9 @@ from .parameters import TrackedParameters, evaluation_mode, select_parameter_nam
 from .snapshot import ModelSnapshot, named_state
 from .solvers import Solver, SolveReport, make_solver
 from .solvers.base import combine_reports
+
+if TYPE_CHECKING:
+    from .store.scores import ScoreStore
 
 logger = logging.getLogger(__name__)
 
@@ -437,29 +440,56 @@ class Influence:
         S = self.solve(self.test_gradients(test))
         return -self._dot_train_gradients(S, "scoring training points")
 
-    def _dot_train_gradients(self, S: Tensor, description: str) -> Tensor:
-        """S · ∇_θ L(z_i) for every training point, ``(k, n)``, in one pass over the data.
+    def _dot_train_gradients(self, S: Tensor, description: str,
+                             rows: slice | None = None) -> Tensor:
+        """S · ∇_θ L(z_i) for every training point (or those in ``rows``), ``(k, n)``, in one
+        pass over the data.
 
         Without a gradient cache the per-example gradients stay split by parameter tensor and
         the product is a sum of per-block products, plus S·(λ ⊙ θ̂) for the regulariser's share.
         """
-        out = torch.empty(S.shape[0], self.num_train_, dtype=S.dtype, device=S.device)
+        first, last = (0, self.num_train_) if rows is None else (rows.start, rows.stop)
+        out = torch.empty(S.shape[0], last - first, dtype=S.dtype, device=S.device)
         if self._gradient_cache is not None:
-            for rows, G in self._train_gradient_chunks(description):
-                out[:, rows] = S @ G.T
+            for part, G in self._train_gradient_chunks(description):
+                lo, hi = max(part.start, first), min(part.stop, last)
+                if lo < hi:
+                    out[:, lo - first : hi - first] = S @ G[lo - part.start : hi - part.start].T
             return out
         pieces = S.split(self.tracked_.numels, dim=1)
         regulariser = S @ (self.gradients_.decay * self.theta_)
         with evaluation_mode(self.model):
-            for rows, X, y in self._batches(self.train_data, description):
+            batches = self.train_data.batches(self.chunk_size, self._device(), self._dtype(),
+                                              rows)
+            for part, X, y in tqdm(batches, desc=description, leave=False,
+                                   total=math.ceil((last - first) / self.chunk_size),
+                                   disable=not self.progress):
                 blocks = self.gradients_.train_blocks(self.theta_, X, y)
                 finite = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
                 product = torch.zeros(S.shape[0], X.shape[0], dtype=S.dtype, device=S.device)
                 for piece, block in zip(pieces, blocks, strict=True):
                     finite &= torch.isfinite(block).all(dim=1)
                     product += piece @ block.T
-                _finite(finite[:, None], rows, "training")
-                out[:, rows] = product + regulariser[:, None]
+                _finite(finite[:, None], part, "training")
+                out[:, part.start - first : part.stop - first] = product + regulariser[:, None]
+        return out
+
+    def _self_influence_rows(self, rows: slice) -> Tensor:
+        """I_up,loss(z_i, z_i) for the training points in ``rows``, and their solve reports."""
+        out = torch.empty(rows.stop - rows.start, dtype=self.theta_.dtype,
+                          device=self.theta_.device)
+        reports = []
+        batches = self.train_data.batches(self.chunk_size, self._device(), self._dtype(), rows)
+        total = math.ceil((rows.stop - rows.start) / self.chunk_size)
+        with evaluation_mode(self.model):
+            for part, X, y in tqdm(batches, desc="self-influence", total=total, leave=False,
+                                   disable=not self.progress):
+                G_train = _finite(self.gradients_.train(self.theta_, X, y), part, "training")
+                G_test = _finite(self.gradients_.test(self.theta_, X, y), part, "test")
+                S = self.solver.solve(G_test)
+                reports.append(self.solver.last_report)
+                out[part.start - rows.start : part.stop - rows.start] = -(S * G_train).sum(dim=1)
+        self.solver.last_report = combine_reports(reports)
         return out
 
     def loo_change(self, test: Any) -> Tensor:
@@ -500,17 +530,22 @@ class Influence:
         if every block did).
         """
         self._require_fitted()
-        out = torch.empty(self.num_train_, dtype=self.theta_.dtype, device=self.theta_.device)
-        reports = []
-        for rows, X, y in self._batches(self.train_data, "self-influence"):
-            with evaluation_mode(self.model):
-                G_train = _finite(self.gradients_.train(self.theta_, X, y), rows, "training")
-                G_test = _finite(self.gradients_.test(self.theta_, X, y), rows, "test")
-                S = self.solver.solve(G_test)
-            reports.append(self.solver.last_report)
-            out[rows] = -(S * G_train).sum(dim=1)
-        self.solver.last_report = combine_reports(reports)
-        return out
+        return self._self_influence_rows(slice(0, self.num_train_))
+
+    def score(self, test: Any, out: str | Path, kind: str = "loo_change", top_k: int = 10,
+              shard_size: int | None = None, data_id: str | None = None) -> ScoreStore:
+        """Stream scores to the store ``out`` block by block, never holding the (m, n) matrix.
+
+        ``kind``: ``"loo_change"`` (default), ``"influence"``, or ``"self_influence"`` with
+        ``test=None``. Keeps the ``top_k`` largest and smallest scores per query. A store that
+        exists with the same settings is resumed (finished shards are skipped), one made with
+        anything else is refused. ``shard_size`` (training points per shard, a multiple of
+        ``chunk_size``; default 16 chunks). See :mod:`influencekit.store.scores`; read the
+        result with :class:`~influencekit.store.scores.ScoreStore` (returned).
+        """
+        from .store import scores
+
+        return scores.score(self, test, out, kind, top_k, shard_size, data_id)
 
     def top_k(self, test: Any, k: int = 10) -> TopK:
         """The k most helpful and k most harmful training points per test point (:class:`TopK`).

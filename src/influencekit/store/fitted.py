@@ -33,7 +33,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
-from .. import __version__, cache
+from .. import cache
 from ..curvature import HessianOperator
 from ..damping import DampingChoice
 from ..errors import CacheMismatchError
@@ -45,6 +45,7 @@ from ..solvers import solver_from_settings
 from ..solvers.base import prefixed, unprefixed
 from ..spectrum import SpectrumEstimate
 from ..stationarity import Stationarity
+from ..version import __version__
 
 if TYPE_CHECKING:
     from ..influence import Influence
