@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from influencekit.data import ExampleSet
 from influencekit.gradients import GradientComputer
 from influencekit.parameters import TrackedParameters
 from influencekit.training import minimize
+
+import jobs
 
 
 @dataclass
@@ -54,13 +57,18 @@ class Problem:
     def outputs(self, theta: Tensor, X: Tensor) -> Tensor:
         return functional_call(self.model, self.params_of(theta), (X,))
 
+    def decay(self) -> float | Tensor:
+        """λ per coordinate of θ (a float when uniform), from the objective's own rule."""
+        named = dict(self.model.named_parameters())
+        return self.objective.decay_vector([(n, named[n]) for n in self.names])
+
     def risk(self) -> Callable[[Tensor], Tensor]:
-        """R(θ) = mean ℓ + (λ/2)‖θ‖² over the training set, as a function of flat θ."""
-        wd = self.objective.weight_decay
+        """R(θ) = mean ℓ + (1/2)Σ λ_j θ_j² over the training set, as a function of flat θ."""
+        wd = self.decay()
 
         def risk(theta: Tensor) -> Tensor:
             losses = self.objective.train_loss(self.outputs(theta, self.X), self.y)
-            return losses.mean() + 0.5 * wd * theta.pow(2).sum()
+            return losses.mean() + 0.5 * (wd * theta.pow(2)).sum()
 
         return risk
 
@@ -72,7 +80,7 @@ class Problem:
         """∇_θ L(z_i) by plain autograd (regulariser included)."""
         theta = self.theta().requires_grad_(True)
         loss = self.objective.train_loss(self.outputs(theta, self.X[i : i + 1]), self.y[i : i + 1])
-        loss = loss.sum() + self.objective.regularizer(theta)
+        loss = loss.sum() + 0.5 * (self.decay() * theta.pow(2)).sum()
         return torch.autograd.grad(loss, theta)[0]
 
     def test_grad(self, X: Tensor, y: Tensor) -> Tensor:
@@ -198,3 +206,18 @@ def make_operator(problem: Problem, damping: float = 0.0, chunk_size: int = 16,
     return HessianOperator(GradientComputer(tracked, problem.objective),
                            ExampleSet(problem.train), tracked.flat(), damping, chunk_size,
                            **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """The job script and an uninterrupted run of it per kind."""
+    folder = tmp_path_factory.mktemp("job")
+    script = folder / "job.py"
+    script.write_text(jobs.SCRIPT)
+    references = {}
+    for kind in ("loo_change", "self_influence", "index"):
+        references[kind] = folder / kind
+        assert jobs._run(script, references[kind], kind) == 0
+    return script, references
+
+

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import torch
 import influencekit as ik
 
 from conftest import Problem
+from jobs import _files, _identities, _run
 
 
 def _fitted(problem: Problem, **options: object) -> ik.Influence:
@@ -57,64 +55,6 @@ def test_a_store_made_with_other_settings_is_refused(mlp: Problem, tmp_path: Pat
         other.score(mlp.test, out=tmp_path, top_k=3, shard_size=8)
     with pytest.raises(ik.InvalidSettingError, match="multiple of chunk_size=4"):
         inf.score(mlp.test, out=tmp_path / "new", shard_size=6)
-
-
-SCRIPT = textwrap.dedent('''
-    import os, signal, sys
-    import torch
-    from torch import nn
-    import influencekit as ik
-
-    out, kind, kill_at, when = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    replace, calls = os.replace, [0]
-
-    def replace_then_maybe_die(source, destination):
-        calls[0] += 1
-        if calls[0] == kill_at and when == "during":   # the shard's bytes are in a temporary
-            os.kill(os.getpid(), signal.SIGKILL)       # file, not yet renamed into place
-        replace(source, destination)
-        if calls[0] == kill_at and when == "after":    # renamed, its commit record not written
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    os.replace = replace_then_maybe_die
-    generator = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 4, generator=generator, dtype=torch.float64)
-    y = torch.randint(3, (40,), generator=generator)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    objective = ik.CrossEntropyObjective(weight_decay=0.01)
-    ik.training.train_steps(model, objective, (X, y), steps=100, lr=0.05, batch_size=40)
-    inf = ik.Influence(model, objective, (X, y), solver="cg", chunk_size=4).fit()
-    test = None if kind == "self_influence" else (X[:5] + 0.1, y[:5])
-    inf.score(test, out=out, kind=kind, top_k=4, shard_size=8)
-''')
-
-
-def _run(script: Path, out: Path, kind: str, kill_at: int = 0, when: str = "never") -> int:
-    return subprocess.run([sys.executable, str(script), str(out), kind, str(kill_at), when],
-                          timeout=300).returncode
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.glob("*"))}
-
-
-def _identities(folder: Path) -> dict[str, tuple[int, int]]:
-    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns)
-            for path in folder.glob("scores-*.npy") if path.with_suffix(".done.json").exists()}
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    """The job script and an uninterrupted run of it per kind."""
-    folder = tmp_path_factory.mktemp("job")
-    script = folder / "job.py"
-    script.write_text(SCRIPT)
-    references = {}
-    for kind in ("loo_change", "self_influence"):
-        references[kind] = folder / kind
-        assert _run(script, references[kind], kind) == 0
-    return script, references
 
 
 # writes in order: manifest (1), queries .npy (2) and record (3), then per shard .npy and record

@@ -37,8 +37,9 @@ from .objective import (
     Objective,
     SmoothHingeObjective,
 )
+from .projection import KroneckerProjection, RandomProjection
 from .solvers import CG, EKFAC, KFAC, Arnoldi, Deflated, Direct, LiSSA, SolveReport
-from .store import ScoreStore, open_store
+from .store import GradientStore, ScoreStore, open_store
 from .version import __version__
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "Direct",
     "DtypeError",
     "EmptyDatasetError",
+    "GradientStore",
     "IndefiniteHessianError",
     "IndexOutOfRangeError",
     "Influence",
@@ -62,12 +64,14 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "InvalidSettingError",
+    "KroneckerProjection",
     "LiSSA",
     "MSEObjective",
     "NonFiniteError",
     "NotFittedError",
     "Objective",
     "ObjectiveMismatchError",
+    "RandomProjection",
     "ScoreStore",
     "ShapeMismatchError",
     "SmoothHingeObjective",

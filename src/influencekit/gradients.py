@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -63,32 +63,39 @@ class GradientComputer:
             G = G + self.decay * theta.detach()
         return G
 
-    def train_blocks(self, theta: Tensor, X: Tensor, y: Tensor) -> list[Tensor]:
+    def train_blocks(self, theta: Tensor, X: Tensor, y: Tensor,
+                     names: Sequence[str] | None = None) -> list[Tensor]:
         """∇_θ ℓ_i split by tracked parameter: one ``(b, numel_k)`` block each, no λθ term.
 
         The same numbers as :meth:`train` (minus the regulariser), without assembling the flat
         ``(b, p)`` rows: differentiating per parameter tensor and using the blocks as they are
         is several times faster (measured 0.41 s vs 1.6 s for 1,257 examples of an 85k-parameter
-        MLP), and dot products with a flat vector split into per-block products.
+        MLP), and dot products with a flat vector split into per-block products. With ``names``
+        only those tracked parameters are differentiated (the others held fixed), in that order.
         """
         theta = theta.detach()
+        chosen = list(self.tracked.names if names is None else names)
         if self.vectorize:
             try:
                 parts = self.tracked.unflatten(theta)
+                fixed = {n: v for n, v in parts.items() if n not in chosen}
                 loss_fn = self.objective.train_loss
 
                 def single(p: dict[str, Tensor], x: Tensor, target: Tensor) -> Tensor:
-                    return loss_fn(self.tracked.forward_parts(p, x.unsqueeze(0)),
+                    return loss_fn(self.tracked.forward_parts({**fixed, **p}, x.unsqueeze(0)),
                                    target.unsqueeze(0)).sum()
 
-                G = vmap(grad(single), in_dims=(None, 0, 0))(parts, X, y)
-                return [G[name].reshape(X.shape[0], -1) for name in self.tracked.names]
+                varied = {n: parts[n] for n in chosen}
+                G = vmap(grad(single), in_dims=(None, 0, 0))(varied, X, y)
+                return [G[name].reshape(X.shape[0], -1) for name in chosen]
             except OUT_OF_MEMORY:
                 raise
             except Exception as error:
                 self._fall_back(error)
         flat = self._per_example(self.objective.train_loss, theta, X, y)
-        return list(flat.split(self.tracked.numels, dim=1))
+        blocks = dict(zip(self.tracked.names, flat.split(self.tracked.numels, dim=1),
+                          strict=True))
+        return [blocks[name] for name in chosen]
 
     def test(self, theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
         """``(b, p)`` rows ∇_θ of the test measurement at each example."""

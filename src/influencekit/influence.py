@@ -59,6 +59,7 @@ from .solvers import Solver, SolveReport, make_solver
 from .solvers.base import combine_reports
 
 if TYPE_CHECKING:
+    from .store.gradients import GradientStore
     from .store.scores import ScoreStore
 
 logger = logging.getLogger(__name__)
@@ -532,20 +533,34 @@ class Influence:
         self._require_fitted()
         return self._self_influence_rows(slice(0, self.num_train_))
 
+    def index(self, out: str | Path, projection: Any = None, shard_size: int | None = None,
+              data_id: str | None = None) -> GradientStore:
+        """Write the per-example training gradients to the store ``out`` (resumed if it exists
+        with the same settings), optionally projected: ``ik.RandomProjection(dim=k)`` or
+        ``ik.KroneckerProjection(input_dim, output_dim)`` (LoGra). See
+        :mod:`influencekit.store.gradients`; pass the store to :meth:`score` as ``gradients``.
+        """
+        from .store import gradients
+
+        return gradients.index(self, out, projection, shard_size, data_id)
+
     def score(self, test: Any, out: str | Path, kind: str = "loo_change", top_k: int = 10,
-              shard_size: int | None = None, data_id: str | None = None) -> ScoreStore:
+              shard_size: int | None = None, data_id: str | None = None,
+              gradients: GradientStore | str | Path | None = None) -> ScoreStore:
         """Stream scores to the store ``out`` block by block, never holding the (m, n) matrix.
 
         ``kind``: ``"loo_change"`` (default), ``"influence"``, or ``"self_influence"`` with
         ``test=None``. Keeps the ``top_k`` largest and smallest scores per query. A store that
         exists with the same settings is resumed (finished shards are skipped), one made with
         anything else is refused. ``shard_size`` (training points per shard, a multiple of
-        ``chunk_size``; default 16 chunks). See :mod:`influencekit.store.scores`; read the
-        result with :class:`~influencekit.store.scores.ScoreStore` (returned).
+        ``chunk_size``; default 16 chunks). With ``gradients`` (a gradient store from
+        :meth:`index`) the training side is read from it: one solve and one streamed pass over
+        the store. See :mod:`influencekit.store.scores`; read the result with
+        :class:`~influencekit.store.scores.ScoreStore` (returned).
         """
         from .store import scores
 
-        return scores.score(self, test, out, kind, top_k, shard_size, data_id)
+        return scores.score(self, test, out, kind, top_k, shard_size, data_id, gradients)
 
     def top_k(self, test: Any, k: int = 10) -> TopK:
         """The k most helpful and k most harmful training points per test point (:class:`TopK`).

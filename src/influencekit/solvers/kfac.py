@@ -58,17 +58,24 @@ constant input); that is refused with the setting to change rather than returnin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import grad, hessian, vmap
 from tqdm.auto import tqdm
 
 from .. import arguments
 from ..curvature import HessianOperator
 from ..errors import CacheMismatchError, IndefiniteHessianError
+from ..layers import (
+    LayerBlock,
+    activations,
+    find_blocks,
+    forward_with_capture,
+    output_gradients,
+    weight_matrix,
+)
 from ..spectrum import SpectrumEstimate
 from .base import ApproximateInverse
 
@@ -76,37 +83,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Block:
-    """One Linear/Conv2d layer: where its weight and bias sit in θ, and its factors."""
+class _Block(LayerBlock):
+    """One Linear/Conv2d layer (:class:`~influencekit.layers.LayerBlock`) and its factors."""
 
-    module: nn.Module
-    weight: slice
-    bias: slice | None
-    out_features: int
-    in_features: int  # including the bias column
-    name: str = ""
     A: Tensor | None = None
     S: Tensor | None = None
     Q_A: Tensor | None = None
     Q_S: Tensor | None = None
     scale: Tensor | None = None  # (out, in): λ_S λ_Aᵀ for K-FAC, Λ* for EK-FAC
     decay: Tensor | float = 0.0  # (1, in): the weight decay's diagonal in the eigenbasis
-    captured: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _offsets(names: list[str], numels: list[int]) -> dict[str, slice]:
-    out, start = {}, 0
-    for name, size in zip(names, numels, strict=True):
-        out[name] = slice(start, start + size)
-        start += size
-    return out
-
-
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
 
 
 class KFAC(ApproximateInverse):
@@ -214,12 +199,7 @@ class KFAC(ApproximateInverse):
     def _layout(self, operator: HessianOperator) -> None:
         """The Linear/Conv2d blocks of the tracked parameters and the fallback coordinates."""
         self._operator = operator
-        tracked = operator.gradients.tracked
-        offsets = _offsets(tracked.names, tracked.numels)
-        self.blocks_, covered = self._find_blocks(tracked.model, offsets)
-        rest = [i for name in tracked.names if name not in covered
-                for i in range(offsets[name].start, offsets[name].stop)]
-        self.fallback_ = torch.tensor(rest, dtype=torch.long, device=operator.device)
+        self.blocks_, self.fallback_ = find_blocks(operator.gradients.tracked, _Block)
 
     def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         tensors: dict[str, Tensor] = {}
@@ -269,25 +249,6 @@ class KFAC(ApproximateInverse):
         decay = self.operator.decay
         return decay[self.fallback_] if isinstance(decay, Tensor) else float(decay)
 
-    def _find_blocks(self, model: nn.Module,
-                     offsets: dict[str, slice]) -> tuple[list[_Block], set[str]]:
-        blocks, covered = [], set()
-        for prefix, module in model.named_modules():
-            name_w = f"{prefix}.weight" if prefix else "weight"
-            name_b = f"{prefix}.bias" if prefix else "bias"
-            if not _supported(module) or name_w not in offsets:
-                continue
-            bias = offsets.get(name_b) if module.bias is not None else None
-            weight = module.weight
-            out_features = weight.shape[0]
-            in_features = weight[0].numel() + (1 if bias is not None else 0)
-            blocks.append(_Block(module, offsets[name_w], bias, out_features, in_features,
-                                 prefix))
-            covered.add(name_w)
-            if bias is not None:
-                covered.add(name_b)
-        return blocks, covered
-
     def _batches(self, description: str):
         op = self.operator
         size = self.chunk_size or op.chunk_size
@@ -297,22 +258,7 @@ class KFAC(ApproximateInverse):
     def _forward_with_capture(self, X: Tensor) -> Tensor:
         """Model output at θ̂ with every block's inputs and outputs captured for autograd."""
         op = self.operator
-        tracked = op.gradients.tracked
-        theta = op.theta.detach().requires_grad_(True)
-        handles = []
-        for block in self.blocks_:
-            def hook(module: nn.Module, inputs: tuple, output: Tensor,
-                     block: _Block = block) -> None:
-                block.captured["a"] = inputs[0].detach()
-                block.captured["z"] = output
-
-            handles.append(block.module.register_forward_hook(hook))
-        try:
-            with torch.enable_grad():
-                return tracked.forward(theta, X)
-        finally:
-            for handle in handles:
-                handle.remove()
+        return forward_with_capture(op.gradients.tracked, op.theta, X, self.blocks_)
 
     def _output_hessian_roots(self, outputs: Tensor, y: Tensor) -> Tensor:
         """L with ∇²_f ℓ_i = L_i L_iᵀ, shape (K, b, *output_shape[1:]) (K = outputs per example)."""
@@ -329,27 +275,6 @@ class KFAC(ApproximateInverse):
         roots = (eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)).to(flat.dtype)
         return roots.permute(2, 0, 1).reshape(-1, b, *shape)  # column c of L_i at [c, i]
 
-    def _activations(self, block: _Block) -> Tensor:
-        """a_it with the bias 1 appended: (b, T, in)."""
-        a = block.captured["a"]
-        module = block.module
-        if isinstance(module, nn.Conv2d):
-            a = F.unfold(a, module.kernel_size, module.dilation, module.padding,
-                         module.stride).transpose(1, 2)
-        else:
-            a = a.reshape(a.shape[0], -1, a.shape[-1])
-        if block.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        return a
-
-    @staticmethod
-    def _output_gradients(block: _Block, s: Tensor) -> Tensor:
-        """∂/∂z as (K, b, T, out) for Linear (…, out) or Conv2d (out, H, W) layouts."""
-        K, b = s.shape[:2]
-        if isinstance(block.module, nn.Conv2d):
-            return s.reshape(K, b, block.out_features, -1).transpose(2, 3)
-        return s.reshape(K, b, -1, block.out_features)
-
     def _pass(self, description: str):
         """Per chunk: for each block, (a (b, T, in), s (K, b, T, out))."""
         for _, X, y in self._batches(description):
@@ -358,7 +283,7 @@ class KFAC(ApproximateInverse):
             zs = [block.captured["z"] for block in self.blocks_]
             grads = torch.autograd.grad(outputs, zs, grad_outputs=roots, is_grads_batched=True,
                                         allow_unused=True) if zs else []
-            yield [(self._activations(block), self._output_gradients(
+            yield [(activations(block), output_gradients(
                         block, torch.zeros(roots.shape[0], *z.shape, dtype=z.dtype,
                                            device=z.device) if g is None else g.detach()))
                    for block, z, g in zip(self.blocks_, zs, grads, strict=True)]
@@ -468,9 +393,7 @@ class KFAC(ApproximateInverse):
         out = torch.empty_like(V)
         k = V.shape[0]
         for block in self.blocks_:
-            W = V[:, block.weight].reshape(k, block.out_features, -1)
-            if block.bias is not None:
-                W = torch.cat([W, V[:, block.bias].reshape(k, block.out_features, 1)], dim=2)
+            W = weight_matrix(block, V)
             rotated = block.Q_S.T @ W @ block.Q_A
             denominator = (block.scale + block.decay + damping) ** power
             W = block.Q_S @ (rotated / denominator) @ block.Q_A.T

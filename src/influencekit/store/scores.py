@@ -39,6 +39,7 @@ from .. import arguments, cache
 from ..data import ExampleSet
 from ..errors import CacheMismatchError, InvalidSettingError
 from ..version import __version__
+from .gradients import GradientStore, Projector
 from .shards import ShardFolder
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ KINDS = ("loo_change", "influence", "self_influence")
 
 
 def _header(influence: Influence, test: ExampleSet | None, kind: str, top_k: int,
-            shard_size: int, data_id: str | None) -> dict[str, Any]:
+            shard_size: int, data_id: str | None,
+            gradients: GradientStore | None) -> dict[str, Any]:
     fit = cache.fingerprint(influence.tracked_, influence.theta_, influence.objective,
                             influence.gradients_.decay, influence.train_data, data_id)
     return {
@@ -62,21 +64,33 @@ def _header(influence: Influence, test: ExampleSet | None, kind: str, top_k: int
         "num_test": None if test is None else len(test),
         "num_train": influence.num_train_, "shard_size": shard_size, "top_k": top_k,
         "chunk_size": influence.chunk_size, "dtype": str(influence.theta_.dtype),
+        "gradient_store": None if gradients is None else {
+            "folder": str(gradients.folder.resolve()), "projection": gradients.manifest[
+                "projection"], "fit": gradients.manifest["fit"]},
     }
 
 
 def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_change",
-          top_k: int = 10, shard_size: int | None = None,
-          data_id: str | None = None) -> ScoreStore:
+          top_k: int = 10, shard_size: int | None = None, data_id: str | None = None,
+          gradients: GradientStore | str | Path | None = None) -> ScoreStore:
     """Stream ``kind`` scores of ``test`` (``None`` for self-influence) into the store ``out``;
-    resume it if it exists with the same settings. Returns the store's reader."""
+    resume it if it exists with the same settings. With a gradient store the training side is
+    read from it (shards of the store's size) instead of recomputed. Returns the reader."""
     influence._require_fitted()
     kind = arguments.choice("kind", kind, KINDS)
     n = influence.num_train_
     top_k = arguments.integer("top_k", top_k, minimum=0, maximum=n)
+    store = None
+    if gradients is not None:
+        store = gradients if isinstance(gradients, GradientStore) else GradientStore(gradients)
+        store.check_for(influence, data_id)
+        if kind == "self_influence":
+            raise InvalidSettingError("Self-influence needs each training point's own solve; "
+                                      "score it without a gradient store.")
+        shard_size = store.manifest["shard_size"]
     shard_size = arguments.positive_integer(
         "shard_size", shard_size if shard_size is not None else 16 * influence.chunk_size)
-    if shard_size % influence.chunk_size:
+    if store is None and shard_size % influence.chunk_size:
         raise InvalidSettingError(
             f"shard_size={shard_size} must be a multiple of chunk_size={influence.chunk_size} "
             "(so that the stored scores equal the in-memory ones to the bit).")
@@ -89,17 +103,28 @@ def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_cha
     elif test is not None:
         raise InvalidSettingError("kind='self_influence' scores the training points against "
                                   "themselves; pass test=None.")
-    folder = ShardFolder(out, _header(influence, queries, kind, top_k, shard_size, data_id))
+    folder = ShardFolder(out, _header(influence, queries, kind, top_k, shard_size, data_id,
+                                      store))
     ranking = _RunningTopK(top_k)
     blocks = [slice(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
     S = None if kind == "self_influence" else _queries(influence, test, folder)
+    stored = None
+    if store is not None:
+        S = Projector(influence, store.projection()).queries(S)
+        stored = [array for _, array in store.blocks()]  # memory-mapped, read one at a time
     for index, rows in enumerate(tqdm(blocks, desc=f"scoring ({kind})", leave=False,
                                       disable=not influence.progress)):
         name = f"scores-{index:06d}"
         if folder.record(name) is not None:
             block = torch.from_numpy(np.array(folder.read(name)))
         else:
-            block = _block(influence, kind, S, rows).cpu()
+            if stored is not None:
+                rows_of_store = torch.from_numpy(np.array(stored[index]))
+                block = -(S @ rows_of_store.to(S.device, S.dtype).T)
+                block = block if kind == "influence" else -block / n
+            else:
+                block = _block(influence, kind, S, rows)
+            block = block.cpu()
             folder.write(name, block.numpy(), rows=[rows.start, rows.stop])
         ranking.update(block[None, :] if kind == "self_influence" else block, rows.start)
     for name, array in ranking.arrays().items():

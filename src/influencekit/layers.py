@@ -1,0 +1,126 @@
+"""Linear and Conv2d layers among the tracked parameters, and their inputs and output gradients.
+
+For such a layer the gradient of its weights (bias folded in as a trailing input 1) at one
+example is a sum of outer products, G = Σ_t s_t a_tᵀ, of its inputs a_t and the gradients s_t
+with respect to its outputs, over the T positions t (the pixels of a convolution, the extra
+dimensions of a Linear input; T = 1 otherwise). K-FAC builds its factors from a and s, and the
+Kronecker projection of a gradient store projects them, without forming G. This module finds
+the layers, runs the model with hooks that capture a and the outputs z, and puts a and ∂/∂z in
+the (b, T, in) and (K, b, T, out) layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .parameters import TrackedParameters
+
+
+@dataclass
+class LayerBlock:
+    """One Linear/Conv2d layer: where its weight and bias sit in θ, and what a pass captured."""
+
+    module: nn.Module
+    weight: slice
+    bias: slice | None
+    out_features: int
+    in_features: int  # including the bias column
+    name: str = ""
+    captured: dict[str, Tensor] = field(default_factory=dict)
+
+
+def offsets(names: list[str], numels: list[int]) -> dict[str, slice]:
+    """Where each named parameter sits in the flat θ."""
+    out, start = {}, 0
+    for name, size in zip(names, numels, strict=True):
+        out[name] = slice(start, start + size)
+        start += size
+    return out
+
+
+def supported(module: nn.Module) -> bool:
+    """Linear, and Conv2d without groups, non-zero padding modes or ``padding="same"``."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
+def find_blocks(tracked: TrackedParameters, block_type: type[LayerBlock] = LayerBlock
+                ) -> tuple[list[LayerBlock], Tensor]:
+    """The supported layers whose weight is tracked (a bias is folded in if tracked too), and
+    the θ indices of every other tracked parameter, ``(r,)``."""
+    where = offsets(tracked.names, tracked.numels)
+    blocks, covered = [], set()
+    for prefix, module in tracked.model.named_modules():
+        name_w = f"{prefix}.weight" if prefix else "weight"
+        name_b = f"{prefix}.bias" if prefix else "bias"
+        if not supported(module) or name_w not in where:
+            continue
+        bias = where.get(name_b) if module.bias is not None else None
+        in_features = module.weight[0].numel() + (1 if bias is not None else 0)
+        blocks.append(block_type(module, where[name_w], bias, module.weight.shape[0],
+                                 in_features, prefix))
+        covered.add(name_w)
+        if bias is not None:
+            covered.add(name_b)
+    rest = [i for name in tracked.names if name not in covered
+            for i in range(where[name].start, where[name].stop)]
+    return blocks, torch.tensor(rest, dtype=torch.long, device=tracked.device)
+
+
+def forward_with_capture(tracked: TrackedParameters, theta: Tensor, X: Tensor,
+                         blocks: list[LayerBlock]) -> Tensor:
+    """The model output at θ with every block's input (detached) and output (in the graph)
+    captured in ``block.captured["a"]`` and ``["z"]``."""
+    theta = theta.detach().requires_grad_(True)
+    handles = []
+    for block in blocks:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor,
+                 block: LayerBlock = block) -> None:
+            block.captured["a"] = inputs[0].detach()
+            block.captured["z"] = output
+
+        handles.append(block.module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            return tracked.forward(theta, X)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def activations(block: LayerBlock) -> Tensor:
+    """a_it with the bias 1 appended: (b, T, in)."""
+    a = block.captured["a"]
+    module = block.module
+    if isinstance(module, nn.Conv2d):
+        a = F.unfold(a, module.kernel_size, module.dilation, module.padding,
+                     module.stride).transpose(1, 2)
+    else:
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+    if block.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a
+
+
+def output_gradients(block: LayerBlock, s: Tensor) -> Tensor:
+    """∂/∂z as (K, b, T, out) from (K, b, *z.shape[1:]) for Linear (…, out) or Conv2d
+    (out, H, W) outputs."""
+    K, b = s.shape[:2]
+    if isinstance(block.module, nn.Conv2d):
+        return s.reshape(K, b, block.out_features, -1).transpose(2, 3)
+    return s.reshape(K, b, -1, block.out_features)
+
+
+def weight_matrix(block: LayerBlock, V: Tensor) -> Tensor:
+    """Rows of V (k, p) restricted to the block as (k, out, in) matrices, bias column last."""
+    k = V.shape[0]
+    W = V[:, block.weight].reshape(k, block.out_features, -1)
+    if block.bias is not None:
+        W = torch.cat([W, V[:, block.bias].reshape(k, block.out_features, 1)], dim=2)
+    return W
