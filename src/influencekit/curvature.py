@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from . import arguments
+from . import arguments, distributed
 from .data import ExampleSet
 from .errors import OUT_OF_MEMORY, DtypeError, InputTypeError, ShapeMismatchError
 from .gradients import GradientComputer
@@ -192,11 +192,15 @@ class HessianOperator:
         # product strided, 25% slower on the benchmark MLP
         rows = rows.contiguous()
         out = torch.zeros_like(rows)
-        batches = self.data.batches(self.chunk_size, self.device, self.dtype)
-        for _, X, y in batches:
-            for start in range(0, rows.shape[0], self.max_vectors):
-                block = slice(start, start + self.max_vectors)
-                out[block] += self._data_hvp_sum(rows[block], X, y)
+
+        def local_sum() -> None:
+            for _, X, y in self.data.local_batches(self.chunk_size, self.device, self.dtype):
+                for start in range(0, rows.shape[0], self.max_vectors):
+                    block = slice(start, start + self.max_vectors)
+                    out[block] += self._data_hvp_sum(rows[block], X, y)
+
+        distributed.together(local_sum)
+        distributed.all_reduce(out)
         out = self._add_shift(out.div_(self.normalizer), rows)
         self.num_matvecs += rows.shape[0]
         return out[0] if single else out
@@ -228,7 +232,8 @@ class HessianOperator:
         means its contribution vanishes (under cross-entropy w_i is proportional to
         1 − p_{y_i} to first order: a confidently right prediction adds almost nothing). The
         output Hessian is formed exactly when an example's output has at most 256 entries;
-        otherwise ‖∇²_f ℓ_i‖_F is estimated from ``probes`` seeded Rademacher vectors z,
+        otherwise ‖∇²_f ℓ_i‖_F is estimated from ``probes`` Rademacher vectors z (seeded by
+        ``seed`` and the chunk's first row),
         E‖∇²_f ℓ_i z‖² = ‖∇²_f ℓ_i‖_F².
         """
         objective, tracked = self.gradients.objective, self.gradients.tracked
@@ -236,9 +241,11 @@ class HessianOperator:
         def loss(f: Tensor, target: Tensor) -> Tensor:
             return objective.train_loss(f.unsqueeze(0), target.unsqueeze(0))[0]
 
-        generator = torch.Generator().manual_seed(seed)
         weights = []
-        for _, X, y in self.data.batches(self.chunk_size, self.device, self.dtype):
+        rows = self.data.local_rows(self.chunk_size)
+        for batch, X, y in self.data.local_batches(self.chunk_size, self.device, self.dtype):
+            # probes seeded by the batch's first row: the same wherever the batch is computed
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + batch.start)
             with torch.no_grad():
                 f = tracked.forward(self.theta, X)
             gradient = vmap(grad(loss))(f, y).flatten(1)
@@ -249,7 +256,9 @@ class HessianOperator:
                 Z = (2 * signs - 1).to(device=f.device, dtype=f.dtype)
                 curvature = _probed_hessian_norms(loss, f, y, Z)
             weights.append(gradient.norm(dim=1) + curvature)
-        return torch.cat(weights).detach()
+        local = torch.cat(weights).detach() if weights else torch.zeros(0, dtype=self.dtype,
+                                                                          device=self.device)
+        return distributed.gather_rows(local, rows, len(self.data))
 
     def sampled_matvec(self, V: Tensor, indices: Tensor) -> Tensor:
         """Mini-batch products: for each r, A_r·v over the examples ``indices[r]``.
@@ -332,7 +341,8 @@ class HessianOperator:
         if not timings:
             self._large_block_mode = "loop"
             return self._products_in_order(V, X, y)
-        self._large_block_mode = min(timings, key=timings.__getitem__)
+        # decided once, by process 0, so that every process forms its products the same way
+        self._large_block_mode = distributed.broadcast(min(timings, key=timings.__getitem__))
         logger.info("Hessian-vector products of %d vectors: %s; using %s for this operator.",
                     V.shape[0], {k: round(v, 4) for k, v in timings.items()},
                     self._large_block_mode)

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from torch.utils.data.dataloader import default_collate
 
-from . import arguments
+from . import arguments, distributed
 from .errors import (
     EmptyDatasetError,
     IndexOutOfRangeError,
@@ -235,6 +235,15 @@ class ExampleSet:
             stop = start + X.shape[0]
             yield slice(start, stop), X, y
             start = stop
+
+    def local_rows(self, chunk_size: int) -> slice:
+        """The rows this process visits in a pass (all of them without torch.distributed)."""
+        return distributed.local_rows(len(self), chunk_size)
+
+    def local_batches(self, chunk_size: int, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """:meth:`batches` over this process's rows (:mod:`influencekit.distributed`)."""
+        return self.batches(chunk_size, device, dtype, self.local_rows(chunk_size))
 
 
 def _convert(batch: Any, device: torch.device | None, dtype: torch.dtype | None,

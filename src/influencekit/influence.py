@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import grad
 from tqdm.auto import tqdm
 
-from . import arguments, cache, stationarity
+from . import arguments, cache, distributed, stationarity
 from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, HVPMode
 from .damping import DampingChoice, choose_damping
 from .data import ExampleSet, check_compatible, check_finite, raise_if_flagged
@@ -258,13 +258,19 @@ class Influence:
     def _check_training_data(self, gradients: GradientComputer, theta: Tensor) -> Tensor:
         """One pass: finite data, objective fits, finite losses; returns ∇R(θ̂)."""
         total = torch.zeros_like(theta)
-        for rows, X, y in self._batches(self.train_data, "checking training data"):
-            self._check_batch(gradients, theta, rows, X, y, self.train_data, test=False)
 
-            def batch_loss(th: Tensor, X: Tensor = X, y: Tensor = y) -> Tensor:
-                return gradients.losses(th, X, y).sum()
+        def local_pass() -> None:
+            for rows, X, y in self._batches(self.train_data, "checking training data",
+                                            local=True):
+                self._check_batch(gradients, theta, rows, X, y, self.train_data, test=False)
 
-            total += grad(batch_loss)(theta)
+                def batch_loss(th: Tensor, X: Tensor = X, y: Tensor = y) -> Tensor:
+                    return gradients.losses(th, X, y).sum()
+
+                total.add_(grad(batch_loss)(theta))
+
+        distributed.together(local_pass)
+        distributed.all_reduce(total)
         return total / len(self.train_data) + gradients.decay * theta
 
     def _stationarity(self, gradients: GradientComputer, theta: Tensor,
@@ -333,10 +339,12 @@ class Influence:
                     "curvature, the solver's factors and any cached gradients — describes the "
                     "model as it was. Call fit() again to score the model as it is now.")
 
-    def _batches(self, data: ExampleSet,
-                 description: str) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        batches = data.batches(self.chunk_size, self._device(), self._dtype())
-        total = math.ceil(len(data) / self.chunk_size)
+    def _batches(self, data: ExampleSet, description: str,
+                 local: bool = False) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """Batches of ``data`` (only this process's rows if ``local``), with a progress bar."""
+        rows = data.local_rows(self.chunk_size) if local else slice(0, len(data))
+        batches = data.batches(self.chunk_size, self._device(), self._dtype(), rows)
+        total = math.ceil((rows.stop - rows.start) / self.chunk_size)
         return iter(tqdm(batches, total=total, desc=description, leave=False,
                          disable=not self.progress))
 
@@ -379,7 +387,25 @@ class Influence:
                 X, y = self.train_data.take(indices, self._device(), self._dtype())
                 return torch.cat([self.gradients_.train(self.theta_, X[s], y[s])
                                   for s in _slices(X.shape[0], self.chunk_size)])
-            return torch.cat([G for _, G in self._train_gradient_chunks("training gradients")])
+            return self._all_train_gradients("training gradients")
+
+    def _all_train_gradients(self, description: str) -> Tensor:
+        """The (n, p) training gradients; each process computes its rows, all get all."""
+        if self._gradient_cache is not None:
+            return self._gradient_cache
+        rows = self.train_data.local_rows(self.chunk_size)
+        parts: list[Tensor] = []
+
+        def local_pass() -> None:
+            for part, X, y in self._batches(self.train_data, description, local=True):
+                parts.append(_finite(self.gradients_.train(self.theta_, X, y), part,
+                                     "training"))
+
+        distributed.together(local_pass)
+        local = torch.cat(parts) if parts else torch.zeros(0, self.tracked_.dim,
+                                                           dtype=self._dtype(),
+                                                           device=self._device())
+        return distributed.gather_rows(local, rows, self.num_train_)
 
     def _train_gradient_chunks(self, description: str) -> Iterator[tuple[slice, Tensor]]:
         if self._gradient_cache is not None:
@@ -411,10 +437,10 @@ class Influence:
         else:
             self._gradient_cache = None
             with evaluation_mode(self.model):
-                gradients = torch.cat([G for _, G in self._train_gradient_chunks(
-                    "training gradients")])
-            if path is not None:
+                gradients = self._all_train_gradients("training gradients")
+            if path is not None and distributed.rank() == 0:
                 cache.save(path, gradients, meta)
+            distributed.barrier()
         self._gradient_cache = gradients
         return self
 
@@ -449,6 +475,10 @@ class Influence:
         Without a gradient cache the per-example gradients stay split by parameter tensor and
         the product is a sum of per-block products, plus S·(λ ⊙ θ̂) for the regulariser's share.
         """
+        if rows is None and distributed.active() and self._gradient_cache is None:
+            local = self.train_data.local_rows(self.chunk_size)
+            part = distributed.together(lambda: self._dot_train_gradients(S, description, local))
+            return distributed.gather_columns(part, local, self.num_train_)
         first, last = (0, self.num_train_) if rows is None else (rows.start, rows.stop)
         out = torch.empty(S.shape[0], last - first, dtype=S.dtype, device=S.device)
         if self._gradient_cache is not None:
@@ -531,6 +561,7 @@ class Influence:
         if every block did).
         """
         self._require_fitted()
+        # every process takes part in every block: the solves' curvature products are shared
         return self._self_influence_rows(slice(0, self.num_train_))
 
     def index(self, out: str | Path, projection: Any = None, shard_size: int | None = None,

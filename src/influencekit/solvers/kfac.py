@@ -65,7 +65,7 @@ from torch import Tensor
 from torch.func import grad, hessian, vmap
 from tqdm.auto import tqdm
 
-from .. import arguments
+from .. import arguments, distributed
 from ..curvature import HessianOperator
 from ..errors import CacheMismatchError, IndefiniteHessianError
 from ..layers import (
@@ -252,7 +252,7 @@ class KFAC(ApproximateInverse):
     def _batches(self, description: str):
         op = self.operator
         size = self.chunk_size or op.chunk_size
-        batches = op.data.batches(size, op.device, op.dtype)
+        batches = op.data.local_batches(size, op.device, op.dtype)  # this process's rows
         return tqdm(batches, desc=description, leave=False, disable=not self.progress)
 
     def _forward_with_capture(self, X: Tensor) -> Tensor:
@@ -297,13 +297,19 @@ class KFAC(ApproximateInverse):
                                   dtype=self.operator.dtype, device=self.operator.device)
             block.S = torch.zeros(block.out_features, block.out_features,
                                   dtype=self.operator.dtype, device=self.operator.device)
-        for chunk in self._pass("Kronecker factors"):
-            for block, (a, s) in zip(self.blocks_, chunk, strict=True):
-                T = a.shape[1]
-                a_flat = a.reshape(-1, a.shape[-1])
-                s_flat = s.reshape(-1, s.shape[-1])
-                block.A += a_flat.T @ a_flat / (n * T)
-                block.S += s_flat.T @ s_flat / n
+        def local_sums() -> None:
+            for chunk in self._pass("Kronecker factors"):
+                for block, (a, s) in zip(self.blocks_, chunk, strict=True):
+                    T = a.shape[1]
+                    a_flat = a.reshape(-1, a.shape[-1])
+                    s_flat = s.reshape(-1, s.shape[-1])
+                    block.A += a_flat.T @ a_flat / (n * T)
+                    block.S += s_flat.T @ s_flat / n
+
+        distributed.together(local_sums)
+        for block in self.blocks_:
+            distributed.all_reduce(block.A)
+            distributed.all_reduce(block.S)
 
     def _refine_factors(self, update_activations: bool) -> None:
         """One least-squares step on every block's factors, one pass over the training data.
@@ -321,18 +327,23 @@ class KFAC(ApproximateInverse):
             fixed.append(factor / norm if norm > 0 else factor)
         updated = [torch.zeros_like(block.A if update_activations else block.S)
                    for block in self.blocks_]
-        for chunk in self._pass("Kronecker factor refinement"):
-            for total, F_fixed, (a, s) in zip(updated, fixed, chunk, strict=True):
-                a_flat = a.reshape(-1, a.shape[-1])  # (b·T, in)
-                s_flat = s.reshape(s.shape[0], -1, s.shape[-1])  # (K, b·T, out)
-                if update_activations:  # weight_it = Σ_c s_itcᵀ Ŝ s_itc = tr(S_it Ŝ)
-                    weight = ((s_flat @ F_fixed) * s_flat).sum(dim=(0, 2))
-                    total += (a_flat * weight[:, None]).T @ a_flat / n
-                else:  # weight_it = a_itᵀ Â a_it
-                    weight = ((a_flat @ F_fixed) * a_flat).sum(dim=1)
-                    weighted = s_flat * weight.clamp_min(0).sqrt()[None, :, None]
-                    weighted = weighted.reshape(-1, weighted.shape[-1])
-                    total += weighted.T @ weighted / n
+        def local_sums() -> None:
+            for chunk in self._pass("Kronecker factor refinement"):
+                for total, F_fixed, (a, s) in zip(updated, fixed, chunk, strict=True):
+                    a_flat = a.reshape(-1, a.shape[-1])  # (b·T, in)
+                    s_flat = s.reshape(s.shape[0], -1, s.shape[-1])  # (K, b·T, out)
+                    if update_activations:  # weight_it = Σ_c s_itcᵀ Ŝ s_itc = tr(S_it Ŝ)
+                        weight = ((s_flat @ F_fixed) * s_flat).sum(dim=(0, 2))
+                        total += (a_flat * weight[:, None]).T @ a_flat / n
+                    else:  # weight_it = a_itᵀ Â a_it
+                        weight = ((a_flat @ F_fixed) * a_flat).sum(dim=1)
+                        weighted = s_flat * weight.clamp_min(0).sqrt()[None, :, None]
+                        weighted = weighted.reshape(-1, weighted.shape[-1])
+                        total += weighted.T @ weighted / n
+
+        distributed.together(local_sums)
+        for total in updated:
+            distributed.all_reduce(total)
         for block, F_fixed, total in zip(self.blocks_, fixed, updated, strict=True):
             if update_activations:
                 block.A, block.S = total, F_fixed
@@ -351,15 +362,20 @@ class KFAC(ApproximateInverse):
     def _correct_eigenvalues(self) -> None:
         n = self.operator.num_train
         corrected = [torch.zeros_like(block.scale) for block in self.blocks_]
-        for chunk in self._pass("EK-FAC eigenvalues"):
-            for total, block, (a, s) in zip(corrected, self.blocks_, chunk, strict=True):
-                a_rot = a @ block.Q_A  # (b, T, in)
-                s_rot = s @ block.Q_S  # (K, b, T, out)
-                if a.shape[1] == 1:
-                    total += (s_rot[:, :, 0].pow(2).sum(0)).T @ a_rot[:, 0].pow(2) / n
-                else:
-                    per_example = torch.einsum("kbto,bti->kboi", s_rot, a_rot)
-                    total += per_example.pow(2).sum(dim=(0, 1)) / n
+        def local_sums() -> None:
+            for chunk in self._pass("EK-FAC eigenvalues"):
+                for total, block, (a, s) in zip(corrected, self.blocks_, chunk, strict=True):
+                    a_rot = a @ block.Q_A  # (b, T, in)
+                    s_rot = s @ block.Q_S  # (K, b, T, out)
+                    if a.shape[1] == 1:
+                        total += (s_rot[:, :, 0].pow(2).sum(0)).T @ a_rot[:, 0].pow(2) / n
+                    else:
+                        per_example = torch.einsum("kbto,bti->kboi", s_rot, a_rot)
+                        total += per_example.pow(2).sum(dim=(0, 1)) / n
+
+        distributed.together(local_sums)
+        for total in corrected:
+            distributed.all_reduce(total)
         for block, total in zip(self.blocks_, corrected, strict=True):
             block.scale = total
 
@@ -380,7 +396,7 @@ class KFAC(ApproximateInverse):
             for root in roots:
                 G = vmap(grad(pseudo_loss), in_dims=(None, 0, 0))(theta, X, root)
                 diagonal += G[:, self.fallback_].pow(2).sum(dim=0)
-        self.fallback_diagonal_ = diagonal / op.num_train
+        self.fallback_diagonal_ = distributed.all_reduce(diagonal) / op.num_train
 
     # ----------------------------------------------------------------- solving
 

@@ -33,7 +33,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
-from .. import cache
+from .. import cache, distributed
 from ..curvature import HessianOperator
 from ..damping import DampingChoice
 from ..errors import CacheMismatchError
@@ -91,8 +91,10 @@ def save(influence: Influence, folder: Path, data_id: str | None = None) -> Path
         "sha256": hashlib.sha256(payload).hexdigest(),
         "fingerprint": fingerprint,
     }
-    atomic_write_bytes(folder / STATE, payload)
-    atomic_write_json(folder / MANIFEST, manifest)
+    if distributed.rank() == 0:  # every process holds the same fit; one writes it
+        atomic_write_bytes(folder / STATE, payload)
+        atomic_write_json(folder / MANIFEST, manifest)
+    distributed.barrier()
     return folder
 
 

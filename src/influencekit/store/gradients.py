@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import arguments, cache
+from .. import arguments, cache, distributed
 from ..errors import CacheMismatchError, InputTypeError
 from ..layers import (
     activations,
@@ -147,7 +147,8 @@ def index(influence: Influence, out: str | Path, projection: Projection | None =
     blocks = [slice(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
     device, dtype = influence._device(), influence._dtype()
     with evaluation_mode(influence.model):
-        if projection is not None and folder.read_json("distortion") is None:
+        if projection is not None and folder.read_json("distortion") is None \
+                and distributed.rank() == 0:
             sample = slice(0, min(DISTORTION_SAMPLE, n))
             X, y = next(influence.train_data.batches(sample.stop, device, dtype, sample))[1:]
             full = influence.gradients_.train(influence.theta_, X, y)
@@ -156,7 +157,7 @@ def index(influence: Influence, out: str | Path, projection: Projection | None =
         for index_, rows in enumerate(tqdm(blocks, desc="indexing training gradients",
                                            leave=False, disable=not influence.progress)):
             name = f"gradients-{index_:06d}"
-            if folder.record(name) is not None:
+            if not distributed.owns(index_) or folder.record(name) is not None:
                 continue
             parts = [projector.rows(X, y) for _, X, y in influence.train_data.batches(
                 influence.chunk_size, device, dtype, rows)]
@@ -165,7 +166,10 @@ def index(influence: Influence, out: str | Path, projection: Projection | None =
                 raise CacheMismatchError(f"Training gradients of rows {rows.start}..{rows.stop} "
                                          "are not finite; nothing was written for them.")
             folder.write(name, block.numpy(), rows=[rows.start, rows.stop])
-    folder.write_json("complete", {"shards": len(blocks)})
+    distributed.barrier()
+    if distributed.rank() == 0:
+        folder.write_json("complete", {"shards": len(blocks)})
+    distributed.barrier()
     return GradientStore(out)
 
 

@@ -7,18 +7,21 @@
 2. for each block of ``shard_size`` training points it computes the scores of all m queries
    against them (one pass of per-example gradients over the block) and commits them as shard
    ``scores-NNNNNN``, an (m, block) array;
-3. after each block it merges the block into a running top-k per query (the k largest and the
-   k smallest scores, ties broken by the lower training index), and at the end writes them.
+3. once every block is committed, it streams them, in order, through a running top-k per query
+   (the k largest and the k smallest scores, ties broken by the lower training index), and
+   writes the result.
 
 ``kind="self_influence"`` (``test=None``) streams I_up,loss(z_i, z_i) the same way, one (block,)
 shard at a time, with the k largest and smallest over all n.
 
 A job killed at any point and started again with the same arguments skips every committed shard
 (:mod:`influencekit.store.shards`), re-reads them in order to rebuild the running top-k, and
-ends with arrays bit-identical to an uninterrupted run's. A store made with anything else (fit,
-solver, damping, queries, kind, sizes) is refused. With ``shard_size`` a multiple of
-``chunk_size`` (required), the per-example gradients are computed in the same chunks as
-``Influence.loo_change``, and the stored scores equal its to the bit.
+ends with arrays bit-identical to an uninterrupted run's. The top-k is always built that way,
+from the committed shards in order, after they are all written: so under torch.distributed,
+where process r writes the shards j with j mod R = r, every process merges the same top-k. A
+store made with anything else (fit, solver, damping, queries, kind, sizes) is refused. With
+``shard_size`` a multiple of ``chunk_size`` (required), the per-example gradients are computed
+in the same chunks as ``Influence.loo_change``, and the stored scores equal its to the bit.
 
 :class:`ScoreStore` reads a store: shards memory-mapped, any block of columns, the whole matrix
 on request, and the top-k.
@@ -35,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import arguments, cache
+from .. import arguments, cache, distributed
 from ..data import ExampleSet
 from ..errors import CacheMismatchError, InvalidSettingError
 from ..version import __version__
@@ -105,7 +108,6 @@ def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_cha
                                   "themselves; pass test=None.")
     folder = ShardFolder(out, _header(influence, queries, kind, top_k, shard_size, data_id,
                                       store))
-    ranking = _RunningTopK(top_k)
     blocks = [slice(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
     S = None if kind == "self_influence" else _queries(influence, test, folder)
     stored = None
@@ -116,38 +118,49 @@ def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_cha
                                       disable=not influence.progress)):
         name = f"scores-{index:06d}"
         if folder.record(name) is not None:
-            block = torch.from_numpy(np.array(folder.read(name)))
-        else:
-            if stored is not None:
-                rows_of_store = torch.from_numpy(np.array(stored[index]))
-                block = -(S @ rows_of_store.to(S.device, S.dtype).T)
-                block = block if kind == "influence" else -block / n
-            else:
-                block = _block(influence, kind, S, rows)
-            block = block.cpu()
-            folder.write(name, block.numpy(), rows=[rows.start, rows.stop])
+            continue
+        # self-influence solves are collective: every process takes part in every block
+        if not distributed.owns(index) and kind != "self_influence":
+            continue
+        block = _block(influence, kind, S, rows, None if stored is None else stored[index])
+        if distributed.owns(index):
+            folder.write(name, block.cpu().numpy(), rows=[rows.start, rows.stop])
+    distributed.barrier()
+    ranking = _RunningTopK(top_k)  # from the committed shards, in order: the same on resume
+    for index, rows in enumerate(blocks):
+        block = torch.from_numpy(np.array(folder.read(f"scores-{index:06d}")))
         ranking.update(block[None, :] if kind == "self_influence" else block, rows.start)
-    for name, array in ranking.arrays().items():
-        if folder.record(name) is None:
-            folder.write(name, array)
-    folder.write_json("complete", {"shards": len(blocks)})
+    if distributed.rank() == 0:
+        for name, array in ranking.arrays().items():
+            if folder.record(name) is None:
+                folder.write(name, array)
+        folder.write_json("complete", {"shards": len(blocks)})
+    distributed.barrier()
     return ScoreStore(out)
 
 
 def _queries(influence: Influence, test: Any, folder: ShardFolder) -> Tensor:
-    """S = A⁻¹ ∇_θ L_test, from the store if a previous run committed it."""
+    """S = A⁻¹ ∇_θ L_test, from the store if a previous run committed it (the solve is
+    collective under torch.distributed; process 0 commits it)."""
     if folder.record("queries") is not None:
         S = torch.from_numpy(np.array(folder.read("queries")))
         return S.to(influence._device())
     S = influence.solve(influence.test_gradients(test))
-    folder.write("queries", S.detach().cpu().numpy())
+    if distributed.rank() == 0:
+        folder.write("queries", S.detach().cpu().numpy())
+    distributed.barrier()
     return S
 
 
-def _block(influence: Influence, kind: str, S: Tensor | None, rows: slice) -> Tensor:
+def _block(influence: Influence, kind: str, S: Tensor | None, rows: slice,
+           stored: np.ndarray | None) -> Tensor:
+    """The scores of shard ``rows``: from the training gradients or a gradient store's rows."""
     if kind == "self_influence":
         return influence._self_influence_rows(rows)
-    block = -influence._dot_train_gradients(S, "scoring training points", rows)
+    if stored is not None:
+        block = -(S @ torch.from_numpy(np.array(stored)).to(S.device, S.dtype).T)
+    else:
+        block = -influence._dot_train_gradients(S, "scoring training points", rows)
     return block if kind == "influence" else -block / influence.num_train_
 
 

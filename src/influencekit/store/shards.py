@@ -8,6 +8,9 @@ Layout::
     folder/<name>.done.json       its commit record: SHA-256 and size of the .npy, and what it
                                   holds (which rows or columns)
 
+Under torch.distributed, process 0 creates the manifest (and removes a killed job's temporary
+files) before the others open it; each shard is written by the one process that owns it.
+
 A shard counts as finished only when its commit record exists and the .npy has the recorded
 SHA-256. Both files are written by :mod:`influencekit.io`'s atomic writer, the record after the
 shard, so a job killed at any point (even while writing a shard) leaves finished shards and at
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..errors import CacheMismatchError
 from ..io import atomic_write_bytes, atomic_write_json
 
@@ -51,6 +55,11 @@ class ShardFolder:
     def __init__(self, folder: str | Path, header: dict[str, Any] | None = None,
                  create: bool = True) -> None:
         self.folder = Path(folder)
+        first = distributed.rank() == 0  # creates the manifest and clears leftovers, then the
+        distributed.together(lambda: self._open(header, create, True) if first else None)
+        distributed.together(lambda: None if first else self._open(header, False, False))
+
+    def _open(self, header: dict[str, Any] | None, create: bool, clean: bool) -> None:
         path = self.folder / MANIFEST
         if path.exists():
             self.manifest = json.loads(path.read_text())
@@ -61,8 +70,9 @@ class ShardFolder:
             self.manifest = json.loads(path.read_text())
         else:
             raise CacheMismatchError(f"{self.folder} holds no store ({MANIFEST} is missing).")
-        for leftover in self.folder.glob(".*.tmp"):  # a killed job's half-written files
-            leftover.unlink(missing_ok=True)
+        if clean:
+            for leftover in self.folder.glob(".*.tmp"):  # a killed job's half-written files
+                leftover.unlink(missing_ok=True)
 
     def _check(self, header: dict[str, Any]) -> None:
         expected = json.loads(json.dumps(header))  # the same normalisation as on disk
