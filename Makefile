@@ -38,6 +38,8 @@ bench: $(BENCH_VENV)/.installed-stamp
 	$(BENCH_VENV)/bin/python benchmarks/compare.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/scaling.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/kronecker_refinement.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/distributed_throughput.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/distributed_throughput.py --out $(BENCH_OUT) --train-size 10000
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) outputs .pytest_cache .ruff_cache

@@ -26,6 +26,9 @@ from torch import Tensor
 
 T = TypeVar("T")
 
+#: what this process has reduced so far (see :func:`traffic`)
+_TRAFFIC = {"all_reduce_calls": 0, "all_reduce_bytes": 0}
+
 
 def active() -> bool:
     """Whether a process group of more than one process is running."""
@@ -57,8 +60,21 @@ def local_rows(n: int, chunk_size: int) -> slice:
 def all_reduce(tensor: Tensor) -> Tensor:
     """The sum of ``tensor`` over the processes, in place (returned for chaining)."""
     if active():
+        _TRAFFIC["all_reduce_calls"] += 1
+        _TRAFFIC["all_reduce_bytes"] += tensor.numel() * tensor.element_size()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def traffic(reset: bool = False) -> dict[str, int]:
+    """The all-reductions of data this process has taken part in: calls and bytes of the
+    reduced tensors (a ring all-reduce sends about 2(R − 1)/R times those bytes per process).
+    Bookkeeping reductions (error flags, barriers) are not counted. ``reset`` zeroes them."""
+    counts = dict(_TRAFFIC)
+    if reset:
+        for key in _TRAFFIC:
+            _TRAFFIC[key] = 0
+    return counts
 
 
 def gather_columns(local: Tensor, rows: slice, n: int) -> Tensor:
@@ -75,6 +91,20 @@ def gather_rows(local: Tensor, rows: slice, n: int) -> Tensor:
     if not active():
         return local
     full = torch.zeros(n, *local.shape[1:], dtype=local.dtype, device=local.device)
+    full[rows] = local
+    return all_reduce(full)
+
+
+def split_rows(function: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:
+    """``function`` applied to the rows of V (k, p), each process doing a contiguous share of
+    the rows, the results gathered: for a row-wise function every process ends with what one
+    process would compute alone, in a fraction of its time."""
+    if not active() or V.shape[0] < world_size():
+        return function(V)
+    share = -(-V.shape[0] // world_size())
+    rows = slice(min(rank() * share, V.shape[0]), min((rank() + 1) * share, V.shape[0]))
+    local = together(lambda: function(V[rows]))
+    full = torch.zeros(V.shape[0], *local.shape[1:], dtype=local.dtype, device=local.device)
     full[rows] = local
     return all_reduce(full)
 

@@ -279,8 +279,17 @@ class Influence:
         n = len(self.train_data)
         sample = torch.linspace(0, n - 1, min(n, STATIONARITY_SAMPLE)).round().long().unique()
         X, y = self.train_data.take(sample, self._device(), self._dtype())
-        squares = torch.cat([gradients.train(theta, X[s], y[s]).pow(2).sum(dim=1)
-                             for s in _slices(X.shape[0], self.chunk_size)])
+        def squared_norms(positions: Tensor) -> Tensor:
+            """‖∇L(z_i)‖² of the sample's examples at ``positions`` (k, 1), as (k, 1)."""
+            Xs, ys = X[positions[:, 0]], y[positions[:, 0]]
+            out = torch.zeros(len(positions), 1, dtype=theta.dtype, device=theta.device)
+            for s in _slices(len(positions), self.chunk_size):
+                out[s, 0] = gradients.train(theta, Xs[s], ys[s]).pow(2).sum(dim=1)
+            return out
+
+        # each process differentiates a share of the sample
+        squares = distributed.split_rows(
+            squared_norms, torch.arange(len(sample), device=self._device())[:, None])
         check = stationarity.Stationarity(float(gradient.norm()),
                                           float(squares.mean().sqrt()), int(sample.numel()),
                                           self.stationarity_tol)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import arguments
+from .. import arguments, distributed
 from ..curvature import HessianOperator
 from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedError
 from ..linalg import orthonormal_columns
@@ -161,7 +161,11 @@ class CG(Solver):
                     disable=not self.progress)
 
     def _apply_m(self, R: Tensor) -> Tensor:
-        return R if self._precondition is None else self._precondition(R)
+        """The preconditioner on the rows of R (under torch.distributed each process applies
+        it to a share of the rows)."""
+        if self._precondition is None:
+            return R
+        return distributed.split_rows(self._precondition, R)
 
     # --------------------------------------------------------------- block CG (Ji & Li 2017)
 
