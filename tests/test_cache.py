@@ -17,17 +17,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import influencekit as ik
 from influencekit.gradients import GradientComputer
+from influencekit.scoring import LayerScorer
 
 from conftest import Problem, make_mlp
 
 
 class PassCounter:
-    """Counts per-example training-gradient passes (flat rows and per-block alike)."""
+    """Counts passes over the training examples' gradients (flat rows, per-block, and the
+    layer scorer's passes alike)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self._train = GradientComputer.train
         self._blocks = GradientComputer.train_blocks
+        self._layers = LayerScorer.scores
 
     def __enter__(self) -> PassCounter:
         counter = self
@@ -40,8 +43,13 @@ class PassCounter:
             counter.calls += 1
             return counter._blocks(computer, *args)
 
+        def layers(scorer: LayerScorer, *args: object) -> torch.Tensor:
+            counter.calls += 1
+            return counter._layers(scorer, *args)
+
         self._patches = [mock.patch.object(GradientComputer, "train", train),
-                         mock.patch.object(GradientComputer, "train_blocks", blocks)]
+                         mock.patch.object(GradientComputer, "train_blocks", blocks),
+                         mock.patch.object(LayerScorer, "scores", layers)]
         for patch in self._patches:
             patch.start()
         return self

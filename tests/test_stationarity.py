@@ -139,7 +139,7 @@ def test_kronecker_solvers_take_the_decay_diagonal_in_their_eigenbasis() -> None
 
 
 @pytest.mark.parametrize(("spec", "error", "message"), [
-    ({"": 0.1, "fc": 0.0}, ik.UnknownParameterError, r"keys \['fc'\] match none"),
+    ({"": 0.1, "fc": 0.0}, ik.UnknownParameterError, r"keys \['fc'\] match none of the model"),
     ({"bias": 0.0}, ik.UnknownParameterError, "no λ for parameter '0.weight'"),
 ])
 def test_weight_decay_keys_that_match_nothing_or_clash_are_refused(

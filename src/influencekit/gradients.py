@@ -48,7 +48,8 @@ class GradientComputer:
         self.objective = objective
         self.vectorize = arguments.flag("vectorize", vectorize)
         #: λ per coordinate of θ: a float when uniform, else (p,)
-        self.decay: float | Tensor = objective.decay_vector(tracked.named_tensors())
+        self.decay: float | Tensor = objective.decay_vector(tracked.named_tensors(),
+                                           tracked.all_names())
 
     def losses(self, theta: Tensor, X: Tensor, y: Tensor, test: bool = False) -> Tensor:
         """Per-example data losses ℓ (or test measurements), shape ``(b,)``, no regulariser."""

@@ -54,6 +54,7 @@ from .errors import (
 from .gradients import GradientComputer
 from .objective import Objective
 from .parameters import TrackedParameters, evaluation_mode, select_parameter_names
+from .scoring import LayerScorer, ScoringReport, layer_path_applies
 from .snapshot import ModelSnapshot, named_state
 from .solvers import Solver, SolveReport, make_solver
 from .solvers.base import combine_reports
@@ -114,6 +115,12 @@ class Influence:
         stationarity_tol: warn when ‖∇R(θ̂)‖ exceeds this multiple of the typical per-example
             gradient norm (:mod:`influencekit.stationarity`); ``None`` measures and records it
             (:attr:`stationarity_`) without warning, for a θ̂ that is off a minimum on purpose.
+        scoring: how scores get the training side: ``"layers"`` from each Linear/Conv2d
+            layer's inputs and output gradients, never forming a per-example gradient
+            (:mod:`influencekit.scoring`); ``"gradients"`` from per-example gradients;
+            ``"auto"``: layers whenever the tracked parameters include such a layer.
+        query_rank: with layer scoring, truncate each query's per-layer matrix to this rank
+            (an approximation; the error is in :attr:`last_scoring_report`). ``None``: exact.
 
     Example:
         >>> inf = Influence(model, CrossEntropyObjective(weight_decay=0.01), (X, y)).fit()
@@ -125,7 +132,8 @@ class Influence:
                  params: Sequence[str] | str | None = None, chunk_size: int = 256,
                  hvp_mode: HVPMode = "auto", vectorize: bool = True,
                  progress: bool = False, curvature: Curvature = "hessian",
-                 stationarity_tol: float | None = 0.05) -> None:
+                 stationarity_tol: float | None = 0.05, scoring: str = "auto",
+                 query_rank: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(objective, Objective):
@@ -145,6 +153,12 @@ class Influence:
         self.progress = arguments.flag("progress", progress)
         self.stationarity_tol = arguments.optional_positive("stationarity_tol",
                                                             stationarity_tol)
+        self.scoring = arguments.choice("scoring", scoring, ("auto", "layers", "gradients"))
+        self.query_rank = arguments.optional_positive_integer("query_rank", query_rank)
+        if self.query_rank is not None and self.scoring == "gradients":
+            raise InvalidSettingError("query_rank truncates the queries of layer scoring; use "
+                                      "scoring='layers' or 'auto' with it.")
+        self.last_scoring_report: ScoringReport | None = None
         if params is not None and not (isinstance(params, str) or (
                 isinstance(params, Sequence) and all(isinstance(p, str) for p in params))):
             raise InputTypeError(f"params must be None, a parameter name or prefix, or a list of "
@@ -153,7 +167,7 @@ class Influence:
         names = select_parameter_names(model, params)  # unknown names are refused here
         _check_model(model, names)
         named = dict(model.named_parameters())
-        objective.decay_vector([(n, named[n]) for n in names])  # so are weight_decay keys
+        objective.decay_vector([(n, named[n]) for n in names], list(named))  # and λ keys
         self.model = model
         self.objective = objective
         self.train_data = ExampleSet(train, "training data")
@@ -496,14 +510,24 @@ class Influence:
                 if lo < hi:
                     out[:, lo - first : hi - first] = S @ G[lo - part.start : hi - part.start].T
             return out
+        batches = tqdm(self.train_data.batches(self.chunk_size, self._device(), self._dtype(),
+                                               rows),
+                       desc=description, leave=False, disable=not self.progress,
+                       total=math.ceil((last - first) / self.chunk_size))
+        if self.scoring == "layers" or (self.scoring == "auto" and layer_path_applies(self)):
+            scorer = LayerScorer(self, S, self.query_rank)
+            with evaluation_mode(self.model):
+                for part, X, y in batches:
+                    block = scorer.scores(X, y)
+                    _finite(block.T, part, "training")
+                    out[:, part.start - first : part.stop - first] = block
+            self.last_scoring_report = scorer.report
+            return out
+        self.last_scoring_report = ScoringReport("per-example gradients")
         pieces = S.split(self.tracked_.numels, dim=1)
         regulariser = S @ (self.gradients_.decay * self.theta_)
         with evaluation_mode(self.model):
-            batches = self.train_data.batches(self.chunk_size, self._device(), self._dtype(),
-                                              rows)
-            for part, X, y in tqdm(batches, desc=description, leave=False,
-                                   total=math.ceil((last - first) / self.chunk_size),
-                                   disable=not self.progress):
+            for part, X, y in batches:
                 blocks = self.gradients_.train_blocks(self.theta_, X, y)
                 finite = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
                 product = torch.zeros(S.shape[0], X.shape[0], dtype=S.dtype, device=S.device)

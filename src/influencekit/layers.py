@@ -6,11 +6,14 @@ with respect to its outputs, over the T positions t (the pixels of a convolution
 dimensions of a Linear input; T = 1 otherwise). K-FAC builds its factors from a and s, and the
 Kronecker projection of a gradient store projects them, without forming G. This module finds
 the layers, runs the model with hooks that capture a and the outputs z, and puts a and ∂/∂z in
-the (b, T, in) and (K, b, T, out) layouts.
+the (b, T, in) and (K, b, T, out) layouts. A layer called several times in one forward pass
+(weights shared between uses) contributes every call: its gradient is the sum over the calls,
+so the calls' positions are concatenated along t.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -75,15 +78,17 @@ def find_blocks(tracked: TrackedParameters, block_type: type[LayerBlock] = Layer
 
 def forward_with_capture(tracked: TrackedParameters, theta: Tensor, X: Tensor,
                          blocks: list[LayerBlock]) -> Tensor:
-    """The model output at θ with every block's input (detached) and output (in the graph)
-    captured in ``block.captured["a"]`` and ``["z"]``."""
+    """The model output at θ with every call's input (detached) and output (in the graph) of
+    every block captured in the lists ``block.captured["a"]`` and ``["z"]``."""
     theta = theta.detach().requires_grad_(True)
     handles = []
     for block in blocks:
+        block.captured.clear()
+
         def hook(module: nn.Module, inputs: tuple, output: Tensor,
                  block: LayerBlock = block) -> None:
-            block.captured["a"] = inputs[0].detach()
-            block.captured["z"] = output
+            block.captured.setdefault("a", []).append(inputs[0].detach())
+            block.captured.setdefault("z", []).append(output)
 
         handles.append(block.module.register_forward_hook(hook))
     try:
@@ -94,9 +99,7 @@ def forward_with_capture(tracked: TrackedParameters, theta: Tensor, X: Tensor,
             handle.remove()
 
 
-def activations(block: LayerBlock) -> Tensor:
-    """a_it with the bias 1 appended: (b, T, in)."""
-    a = block.captured["a"]
+def _call_activations(block: LayerBlock, a: Tensor) -> Tensor:
     module = block.module
     if isinstance(module, nn.Conv2d):
         a = F.unfold(a, module.kernel_size, module.dilation, module.padding,
@@ -108,6 +111,11 @@ def activations(block: LayerBlock) -> Tensor:
     return a
 
 
+def activations(block: LayerBlock) -> Tensor:
+    """a_it with the bias 1 appended, every call's positions in a row: (b, T, in)."""
+    return torch.cat([_call_activations(block, a) for a in block.captured["a"]], dim=1)
+
+
 def output_gradients(block: LayerBlock, s: Tensor) -> Tensor:
     """∂/∂z as (K, b, T, out) from (K, b, *z.shape[1:]) for Linear (…, out) or Conv2d
     (out, H, W) outputs."""
@@ -115,6 +123,45 @@ def output_gradients(block: LayerBlock, s: Tensor) -> Tensor:
     if isinstance(block.module, nn.Conv2d):
         return s.reshape(K, b, block.out_features, -1).transpose(2, 3)
     return s.reshape(K, b, -1, block.out_features)
+
+
+def layer_signals(tracked: TrackedParameters, theta: Tensor, X: Tensor,
+                  blocks: list[LayerBlock],
+                  target: Callable[[Tensor], tuple[Tensor, Tensor | None]]
+                  ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """One forward and one backward pass: the model output, and for each block
+    (a (b, T, in), s (K, b, T, out)).
+
+    ``target(outputs)`` returns what to differentiate and the vectors to pull back: a scalar and
+    ``None`` (s = its gradient, K = 1, e.g. the summed loss), or the outputs themselves and a
+    (K, *outputs.shape) batch of vectors (K pullbacks at once, e.g. the columns of the output
+    Hessian's square roots).
+    """
+    outputs = forward_with_capture(tracked, theta, X, blocks)
+    differentiated, vectors = target(outputs)
+    calls = [z for block in blocks for z in block.captured.get("z", [])]
+    grads = torch.autograd.grad(differentiated, calls, grad_outputs=vectors,
+                                is_grads_batched=vectors is not None,
+                                allow_unused=True) if calls else []
+    K = 1 if vectors is None else vectors.shape[0]
+    signals, position = [], 0
+    for block in blocks:
+        parts = []
+        for z in block.captured.get("z", []):
+            g = grads[position]
+            position += 1
+            g = torch.zeros(K, *z.shape, dtype=z.dtype, device=z.device) if g is None else \
+                (g.detach() if vectors is not None else g.detach().unsqueeze(0))
+            parts.append(output_gradients(block, g))
+        b = outputs.shape[0]
+        if not parts:  # the layer took no part in this forward pass: no positions, no gradient
+            like = dict(dtype=outputs.dtype, device=outputs.device)
+            signals.append((torch.zeros(b, 0, block.in_features, **like),
+                            torch.zeros(K, b, 0, block.out_features, **like)))
+            continue
+        signals.append((activations(block), torch.cat(parts, dim=2)))
+        block.captured.clear()
+    return outputs.detach(), signals
 
 
 def weight_matrix(block: LayerBlock, V: Tensor) -> Tensor:

@@ -133,20 +133,25 @@ class Objective(ABC):
             return float(spec[best[0]])
         return _decay_value(spec(name, parameter), f"weight_decay({name!r}, ...)")
 
-    def decay_vector(self, named: Sequence[tuple[str, Tensor]]) -> float | Tensor:
+    def decay_vector(self, named: Sequence[tuple[str, Tensor]],
+                     model_names: Sequence[str] | None = None) -> float | Tensor:
         """λ per coordinate of the flat θ made of the ``named`` parameter tensors, in order.
 
         Returns a float when every tensor gets the same λ (the fast path everywhere), else a
-        ``(p,)`` tensor in the parameters' dtype and device.
+        ``(p,)`` tensor in the parameters' dtype and device. Every key of a mapping must match
+        some parameter of the model (``model_names``, by default those ``named``), so that a
+        misspelt name is refused rather than ignored; a key for parameters that are not tracked
+        is fine.
         """
         values = [self.decay_of(name, parameter) for name, parameter in named]
         if isinstance(self.weight_decay, dict):
+            names = list(model_names) if model_names is not None else [n for n, _ in named]
             unused = [key for key in self.weight_decay
-                      if key and not any(_key_matches(name, key) for name, _ in named)]
+                      if key and not any(_key_matches(name, key) for name in names)]
             if unused:
                 raise UnknownParameterError(
-                    f"weight_decay keys {unused} match none of the tracked parameters "
-                    f"{[name for name, _ in named][:20]}.")
+                    f"weight_decay keys {unused} match none of the model's parameters "
+                    f"{names[:20]}.")
         if len(set(values)) <= 1:
             return values[0] if values else 0.0
         first = named[0][1]

@@ -89,6 +89,10 @@ class TrackedParameters:
         tracked_names = set(self.names)
         self._constants = {n: p.detach() for n, p in named.items() if n not in tracked_names}
 
+    def all_names(self) -> list[str]:
+        """Every parameter name of the model, tracked or not."""
+        return [name for name, _ in self.model.named_parameters()]
+
     def named_tensors(self) -> list[tuple[str, Tensor]]:
         """The tracked parameters as ``(name, tensor)`` pairs, in θ's order (live, not copies)."""
         named = dict(self.model.named_parameters())

@@ -52,7 +52,8 @@ def objective_and_gradient(tracked: TrackedParameters, objective: Objective, dat
                            theta: Tensor, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
     """R(θ) = (1/n) Σ_i ℓ(z_i, θ) + (1/2)Σ_j λ_j θ_j² and its gradient, over all of ``data``."""
     n = len(data)
-    decay = objective.decay_vector(tracked.named_tensors())
+    decay = objective.decay_vector(tracked.named_tensors(),
+                                           tracked.all_names())
     value = torch.zeros((), dtype=theta.dtype, device=theta.device)
     gradient = torch.zeros_like(theta)
     with torch.enable_grad():
@@ -267,7 +268,8 @@ def train_steps(model: nn.Module, objective: Objective, train: Any, steps: int,
     arguments.choice("optimizer", optimizer, ("adam", "sgd"))
     data = ExampleSet(train, "training data")
     tracked = TrackedParameters(model, params)
-    decay = objective.decay_vector(tracked.named_tensors())
+    decay = objective.decay_vector(tracked.named_tensors(),
+                                           tracked.all_names())
     leaf = tracked.flat().clone().requires_grad_(True)
     opt: torch.optim.Optimizer = (torch.optim.Adam([leaf], lr=lr) if optimizer == "adam"
                                   else torch.optim.SGD([leaf], lr=lr))

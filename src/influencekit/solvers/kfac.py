@@ -70,10 +70,8 @@ from ..curvature import HessianOperator
 from ..errors import CacheMismatchError, IndefiniteHessianError
 from ..layers import (
     LayerBlock,
-    activations,
     find_blocks,
-    forward_with_capture,
-    output_gradients,
+    layer_signals,
     weight_matrix,
 )
 from ..spectrum import SpectrumEstimate
@@ -255,11 +253,6 @@ class KFAC(ApproximateInverse):
         batches = op.data.local_batches(size, op.device, op.dtype)  # this process's rows
         return tqdm(batches, desc=description, leave=False, disable=not self.progress)
 
-    def _forward_with_capture(self, X: Tensor) -> Tensor:
-        """Model output at θ̂ with every block's inputs and outputs captured for autograd."""
-        op = self.operator
-        return forward_with_capture(op.gradients.tracked, op.theta, X, self.blocks_)
-
     def _output_hessian_roots(self, outputs: Tensor, y: Tensor) -> Tensor:
         """L with ∇²_f ℓ_i = L_i L_iᵀ, shape (K, b, *output_shape[1:]) (K = outputs per example)."""
         objective = self.operator.gradients.objective
@@ -277,18 +270,12 @@ class KFAC(ApproximateInverse):
 
     def _pass(self, description: str):
         """Per chunk: for each block, (a (b, T, in), s (K, b, T, out))."""
+        op = self.operator
         for _, X, y in self._batches(description):
-            outputs = self._forward_with_capture(X)
-            roots = self._output_hessian_roots(outputs, y)
-            zs = [block.captured["z"] for block in self.blocks_]
-            grads = torch.autograd.grad(outputs, zs, grad_outputs=roots, is_grads_batched=True,
-                                        allow_unused=True) if zs else []
-            yield [(activations(block), output_gradients(
-                        block, torch.zeros(roots.shape[0], *z.shape, dtype=z.dtype,
-                                           device=z.device) if g is None else g.detach()))
-                   for block, z, g in zip(self.blocks_, zs, grads, strict=True)]
-            for block in self.blocks_:
-                block.captured.clear()
+            def pull_back(outputs: Tensor, y: Tensor = y) -> tuple[Tensor, Tensor]:
+                return outputs, self._output_hessian_roots(outputs, y)
+
+            yield layer_signals(op.gradients.tracked, op.theta, X, self.blocks_, pull_back)[1]
 
     def _accumulate_factors(self) -> None:
         n = self.operator.num_train

@@ -33,13 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import arguments, cache, distributed
 from ..errors import CacheMismatchError, InputTypeError
-from ..layers import (
-    activations,
-    find_blocks,
-    forward_with_capture,
-    output_gradients,
-    weight_matrix,
-)
+from ..layers import find_blocks, layer_signals, weight_matrix
 from ..parameters import evaluation_mode
 from ..projection import KroneckerProjection, RandomProjection, measure_distortion
 from ..version import __version__
@@ -102,20 +96,19 @@ class Projector:
         if not isinstance(self.projection, KroneckerProjection):
             full = gradients.train(theta, X, y)
             return full if self.projection is None else self.projection.project(full)
-        outputs = forward_with_capture(gradients.tracked, theta, X, self.blocks)
-        zs = [block.captured["z"] for block in self.blocks]
-        losses = gradients.objective.train_loss(outputs, y).sum()
-        grads = torch.autograd.grad(losses, zs, allow_unused=True) if zs else []
+        def summed_loss(outputs: Tensor) -> tuple[Tensor, None]:
+            return gradients.objective.train_loss(outputs, y).sum(), None
+
+        signals = layer_signals(gradients.tracked, theta, X, self.blocks, summed_loss)[1]
         decay_theta = (gradients.decay * theta)[None, :]
         parts = []
-        for block, z, g, (P_out, P_in) in zip(self.blocks, zs, grads, self.factors, strict=True):
-            s = output_gradients(block, (torch.zeros_like(z) if g is None else g.detach())[None])
-            a_p = activations(block) @ P_in.T  # (b, T, k_in)
+        for block, (a, s), (P_out, P_in) in zip(self.blocks, signals, self.factors,
+                                                 strict=True):
+            a_p = a @ P_in.T  # (b, T, k_in)
             s_p = s[0] @ P_out.T  # (b, T, k_out)
             projected = torch.einsum("bto,bti->boi", s_p, a_p)
             regulariser = P_out @ weight_matrix(block, decay_theta)[0] @ P_in.T
             parts.append((projected + regulariser).flatten(1))
-            block.captured.clear()
         if self.rest.numel():
             blocks = gradients.train_blocks(theta, X, y, self.rest_names)
             rest = torch.cat(blocks, dim=1) + decay_theta[:, self.rest]

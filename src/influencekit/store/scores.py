@@ -63,6 +63,7 @@ def _header(influence: Influence, test: ExampleSet | None, kind: str, top_k: int
         "fit": fit, "solver": {"solver": type(influence.solver).__name__,
                                "settings": influence.solver.settings()},
         "damping": influence.damping_, "curvature": influence.curvature,
+        "scoring": influence.scoring, "query_rank": influence.query_rank,
         "queries": None if test is None else test.content_digest(),
         "num_test": None if test is None else len(test),
         "num_train": influence.num_train_, "shard_size": shard_size, "top_k": top_k,
