@@ -93,7 +93,7 @@ def test_input_gradients_equal_double_backward(mlp: Problem) -> None:
 def test_input_gradients_need_floating_point_inputs(logreg: Problem) -> None:
     tracked = TrackedParameters(logreg.model)
     computer = GradientComputer(tracked, logreg.objective)
-    with pytest.raises(TypeError, match="must be floating point"):
+    with pytest.raises(TypeError, match="must be one floating-point tensor"):
         computer.input_gradients(tracked.flat(), torch.zeros(1, tracked.dim, dtype=torch.float64),
                                  torch.zeros(2, 5, dtype=torch.long), logreg.y[:2])
 

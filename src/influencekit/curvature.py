@@ -40,6 +40,7 @@ from . import arguments, distributed
 from .data import ExampleSet
 from .errors import OUT_OF_MEMORY, DtypeError, InputTypeError, ShapeMismatchError
 from .gradients import GradientComputer
+from .inputs import map_inputs, rows_of
 from .transforms import first_line, is_transform_limitation, unsupported_second_derivatives
 
 logger = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ class HessianOperator:
         V = rows.reshape(V.shape)
         R, b = indices.shape
         X, y = self.data.take(indices.reshape(-1), self.device, self.dtype)
-        X = X.reshape(R, b, *X.shape[1:])
+        X = map_inputs(lambda t: t.reshape(R, b, *t.shape[1:]), X)
         y = y.reshape(R, b, *y.shape[1:])
         out = self._grouped_hvp_sum(V, X, y)
         self.num_matvecs += R * V.shape[1]
@@ -420,7 +421,8 @@ class HessianOperator:
                 logger.info("Grouped vmap of curvature products is not available for this "
                             "model (%s); looping over groups.", first_line(error))
                 self._grouped_vmap = False
-        return torch.stack([self._data_hvp_sum(V[r], X[r], y[r]) for r in range(V.shape[0])])
+        return torch.stack([self._data_hvp_sum(V[r], rows_of(X, r), y[r])
+                            for r in range(V.shape[0])])
 
     def _batch_loss(self, X: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
         def loss(theta: Tensor) -> Tensor:

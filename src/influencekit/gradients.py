@@ -24,6 +24,7 @@ from torch.func import grad, vmap
 
 from . import arguments
 from .errors import OUT_OF_MEMORY, DtypeError
+from .inputs import Inputs, batch_size, map_inputs, rows_of
 from .objective import Objective
 from .parameters import TrackedParameters
 from .transforms import first_line, is_transform_limitation
@@ -31,6 +32,11 @@ from .transforms import first_line, is_transform_limitation
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _one_example(x: Inputs) -> Inputs:
+    """One example's inputs (as vmap hands them over) as a batch of one."""
+    return map_inputs(lambda t: t.unsqueeze(0), x)
 
 
 class GradientComputer:
@@ -82,13 +88,13 @@ class GradientComputer:
                 fixed = {n: v for n, v in parts.items() if n not in chosen}
                 loss_fn = self.objective.train_loss
 
-                def single(p: dict[str, Tensor], x: Tensor, target: Tensor) -> Tensor:
-                    return loss_fn(self.tracked.forward_parts({**fixed, **p}, x.unsqueeze(0)),
+                def single(p: dict[str, Tensor], x: Inputs, target: Tensor) -> Tensor:
+                    return loss_fn(self.tracked.forward_parts({**fixed, **p}, _one_example(x)),
                                    target.unsqueeze(0)).sum()
 
                 varied = {n: parts[n] for n in chosen}
                 G = vmap(grad(single), in_dims=(None, 0, 0))(varied, X, y)
-                return [G[name].reshape(X.shape[0], -1) for name in chosen]
+                return [G[name].reshape(batch_size(X), -1) for name in chosen]
             except OUT_OF_MEMORY:
                 raise
             except Exception as error:
@@ -103,8 +109,9 @@ class GradientComputer:
         return self._per_example(self.objective.test_loss, theta, X, y)
 
     def _one(self, loss_fn: LossFn) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        def single(theta: Tensor, x: Tensor, target: Tensor) -> Tensor:
-            return loss_fn(self.tracked.forward(theta, x.unsqueeze(0)), target.unsqueeze(0)).sum()
+        def single(theta: Tensor, x: Inputs, target: Tensor) -> Tensor:
+            return loss_fn(self.tracked.forward(theta, _one_example(x)),
+                           target.unsqueeze(0)).sum()
 
         return single
 
@@ -117,8 +124,8 @@ class GradientComputer:
                 raise  # a fallback would only be slower and fail again
             except Exception as error:  # vmap cannot batch this model: loop instead
                 self._fall_back(error)
-        return torch.stack([self._loop_grad(loss_fn, theta, X[i : i + 1], y[i : i + 1])
-                            for i in range(X.shape[0])])
+        return torch.stack([self._loop_grad(loss_fn, theta, rows_of(X, slice(i, i + 1)),
+                                            y[i : i + 1]) for i in range(batch_size(X))])
 
     def _loop_grad(self, loss_fn: LossFn, theta: Tensor, x: Tensor, target: Tensor) -> Tensor:
         with torch.enable_grad():
@@ -150,11 +157,12 @@ class GradientComputer:
         Returns:
             ``(m, k, *input_shape)``. The regulariser does not depend on x and drops out.
         """
-        if not X.is_floating_point():
+        if not (isinstance(X, Tensor) and X.is_floating_point()):
             raise DtypeError(
-                f"Perturbation influence differentiates with respect to the inputs, which must be "
-                f"floating point; got dtype {X.dtype}. (Integer inputs such as token ids have no "
-                "input gradient.)"
+                "Perturbation influence differentiates with respect to the inputs, which must be "
+                "one floating-point tensor; got "
+                f"{X.dtype if isinstance(X, Tensor) else type(X).__name__} inputs. (Integer "
+                "inputs such as token ids have no input gradient.)"
             )
         theta = theta.detach()
         loss_one = self._one(self.objective.train_loss)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import arguments, cache, distributed, stationarity
 from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, HVPMode
 from .damping import DampingChoice, choose_damping
-from .data import ExampleSet, check_compatible, check_finite, raise_if_flagged
+from .data import BatchFn, ExampleSet, check_compatible, check_finite, raise_if_flagged
 from .errors import (
     DeviceMismatchError,
     DtypeError,
@@ -52,6 +52,7 @@ from .errors import (
     StationarityWarning,
 )
 from .gradients import GradientComputer
+from .inputs import batch_size, rows_of
 from .objective import Objective
 from .parameters import TrackedParameters, evaluation_mode, select_parameter_names
 from .scoring import LayerScorer, ScoringReport, layer_path_applies
@@ -121,6 +122,9 @@ class Influence:
             ``"auto"``: layers whenever the tracked parameters include such a layer.
         query_rank: with layer scoring, truncate each query's per-layer matrix to this rank
             (an approximation; the error is in :attr:`last_scoring_report`). ``None``: exact.
+        batch_fn: turns each batch of the training and test data into ``(inputs, targets)``,
+            for dict batches (``inputs`` may be a dict: the model is called as
+            ``model(**inputs)``); see :mod:`influencekit.data`.
 
     Example:
         >>> inf = Influence(model, CrossEntropyObjective(weight_decay=0.01), (X, y)).fit()
@@ -133,7 +137,7 @@ class Influence:
                  hvp_mode: HVPMode = "auto", vectorize: bool = True,
                  progress: bool = False, curvature: Curvature = "hessian",
                  stationarity_tol: float | None = 0.05, scoring: str = "auto",
-                 query_rank: int | None = None) -> None:
+                 query_rank: int | None = None, batch_fn: BatchFn | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(objective, Objective):
@@ -170,7 +174,8 @@ class Influence:
         objective.decay_vector([(n, named[n]) for n in names], list(named))  # and λ keys
         self.model = model
         self.objective = objective
-        self.train_data = ExampleSet(train, "training data")
+        self.batch_fn = batch_fn
+        self.train_data = ExampleSet(train, "training data", batch_fn)
         self.solver = make_solver(solver)
 
     # ------------------------------------------------------------------ fitting
@@ -229,13 +234,14 @@ class Influence:
 
     @classmethod
     def load(cls, folder: str | Path, model: nn.Module, objective: Objective, train: Any,
-             data_id: str | None = None, progress: bool = False) -> Influence:
+             data_id: str | None = None, progress: bool = False,
+             batch_fn: BatchFn | None = None) -> Influence:
         """A fitted Influence from :meth:`save`'s folder, without a pass of the model over the
         data; refused (:class:`~influencekit.errors.CacheMismatchError`, naming the fields) if
         ``model``, ``objective`` or ``train`` differ from what was saved."""
         from .store import fitted
 
-        return fitted.load(Path(folder), model, objective, train, data_id, progress)
+        return fitted.load(Path(folder), model, objective, train, data_id, progress, batch_fn)
 
     @property
     def damping_(self) -> float:
@@ -293,12 +299,13 @@ class Influence:
         n = len(self.train_data)
         sample = torch.linspace(0, n - 1, min(n, STATIONARITY_SAMPLE)).round().long().unique()
         X, y = self.train_data.take(sample, self._device(), self._dtype())
+
         def squared_norms(positions: Tensor) -> Tensor:
             """‖∇L(z_i)‖² of the sample's examples at ``positions`` (k, 1), as (k, 1)."""
-            Xs, ys = X[positions[:, 0]], y[positions[:, 0]]
+            Xs, ys = rows_of(X, positions[:, 0]), y[positions[:, 0]]
             out = torch.zeros(len(positions), 1, dtype=theta.dtype, device=theta.device)
             for s in _slices(len(positions), self.chunk_size):
-                out[s, 0] = gradients.train(theta, Xs[s], ys[s]).pow(2).sum(dim=1)
+                out[s, 0] = gradients.train(theta, rows_of(Xs, s), ys[s]).pow(2).sum(dim=1)
             return out
 
         # each process differentiates a share of the sample
@@ -335,10 +342,10 @@ class Influence:
                     f"{tuple(outputs.shape[1:])} per example)") from None
             losses = gradients.losses(theta, X, y, test=test)
         method = "test_loss" if test else "train_loss"
-        if losses.shape != (X.shape[0],):
+        if losses.shape != (batch_size(X),):
             raise ObjectiveMismatchError(
                 f"{type(self.objective).__name__}.{method} must return one value per example, "
-                f"shape ({X.shape[0]},) for this batch; got shape {tuple(losses.shape)}. Use "
+                f"shape ({batch_size(X)},) for this batch; got shape {tuple(losses.shape)}. Use "
                 "reduction='none' and reduce over all but the batch dimension."
             )
         raise_if_flagged(
@@ -380,7 +387,7 @@ class Influence:
     # ------------------------------------------------------------------ building blocks
 
     def _test_set(self, test: Any) -> ExampleSet:
-        data = ExampleSet(test, "test data")
+        data = ExampleSet(test, "test data", self.batch_fn)
         check_compatible(self.input_shape_, data)
         return data
 
@@ -408,8 +415,8 @@ class Influence:
                     return torch.empty(0, self.tracked_.dim, dtype=self._dtype(),
                                        device=self._device())
                 X, y = self.train_data.take(indices, self._device(), self._dtype())
-                return torch.cat([self.gradients_.train(self.theta_, X[s], y[s])
-                                  for s in _slices(X.shape[0], self.chunk_size)])
+                return torch.cat([self.gradients_.train(self.theta_, rows_of(X, s), y[s])
+                                  for s in _slices(batch_size(X), self.chunk_size)])
             return self._all_train_gradients("training gradients")
 
     def _all_train_gradients(self, description: str) -> Tensor:
@@ -529,8 +536,8 @@ class Influence:
         with evaluation_mode(self.model):
             for part, X, y in batches:
                 blocks = self.gradients_.train_blocks(self.theta_, X, y)
-                finite = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
-                product = torch.zeros(S.shape[0], X.shape[0], dtype=S.dtype, device=S.device)
+                finite = torch.ones(batch_size(X), dtype=torch.bool, device=y.device)
+                product = torch.zeros(S.shape[0], batch_size(X), dtype=S.dtype, device=S.device)
                 for piece, block in zip(pieces, blocks, strict=True):
                     finite &= torch.isfinite(block).all(dim=1)
                     product += piece @ block.T
@@ -580,8 +587,8 @@ class Influence:
         S = self.solve(self.test_gradients(test))
         X, y = self.train_data.take(train_indices, self._device(), self._dtype())
         with evaluation_mode(self.model):
-            parts = [self.gradients_.input_gradients(self.theta_, S, X[s], y[s])
-                     for s in _slices(X.shape[0], self.chunk_size)]
+            parts = [self.gradients_.input_gradients(self.theta_, S, rows_of(X, s), y[s])
+                     for s in _slices(batch_size(X), self.chunk_size)]
         return -torch.cat(parts, dim=1)
 
     def self_influence(self) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .errors import DtypeError, UnknownParameterError
+from .inputs import Inputs, call_arguments
 
 
 def _matches(parameter_name: str, selector: str) -> bool:
@@ -114,13 +115,15 @@ class TrackedParameters:
         parts = zip(self.names, pieces, self.shapes, strict=True)
         return {n: piece.view(shape) for n, piece, shape in parts}
 
-    def forward(self, theta: Tensor, inputs: Tensor) -> Tensor:
+    def forward(self, theta: Tensor, inputs: Inputs) -> Tensor:
         """The model's output at θ (untracked parameters and buffers as they are now)."""
         return self.forward_parts(self.unflatten(theta), inputs)
 
-    def forward_parts(self, parts: dict[str, Tensor], inputs: Tensor) -> Tensor:
-        """The model's output with the tracked parameters given by name (see :meth:`unflatten`)."""
-        return functional_call(self.model, {**self._constants, **parts}, (inputs,))
+    def forward_parts(self, parts: dict[str, Tensor], inputs: Inputs) -> Tensor:
+        """The model's output with the tracked parameters given by name (see :meth:`unflatten`);
+        ``inputs`` a tensor, or a dict (``model(**inputs)``) or tuple (``model(*inputs)``)."""
+        args, kwargs = call_arguments(inputs)
+        return functional_call(self.model, {**self._constants, **parts}, args, kwargs)
 
     @torch.no_grad()
     def assign(self, theta: Tensor) -> None:

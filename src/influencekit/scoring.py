@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .inputs import batch_size
 from .layers import find_blocks, layer_signals, weight_matrix
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class LayerScorer:
         def summed_loss(outputs: Tensor) -> tuple[Tensor, None]:
             return gradients.objective.train_loss(outputs, y).sum(), None
 
-        b = X.shape[0]
+        b = batch_size(X)
         total = self.regulariser[:, None].expand(self.m, b).clone()
         signals = layer_signals(gradients.tracked, theta, X, self.blocks, summed_loss)[1]
         for index, (block, Q, (a, s)) in enumerate(zip(self.blocks, self.queries, signals,

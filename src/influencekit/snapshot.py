@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .inputs import Inputs, leaves
+
 #: elements summed at once by :func:`checksum` (bounds its temporary memory)
 CHUNK = 1 << 22
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -93,7 +95,7 @@ class ModelSnapshot:
     """
 
     def __init__(self, model: nn.Module, settings: Callable[[], Any],
-                 data: tuple[Tensor, Tensor] | None = None) -> None:
+                 data: tuple[Inputs, Tensor] | None = None) -> None:
         self.model = model
         self._settings_of = settings
         self._data = data
@@ -106,7 +108,10 @@ class ModelSnapshot:
         return {name: checksum(tensor) for name, tensor in named_state(self.model)}
 
     def _tensor_checksums(self) -> list[tuple] | None:
-        return None if self._data is None else [checksum(t) for t in self._data]
+        if self._data is None:
+            return None
+        X, y = self._data
+        return [checksum(t) for t in [*leaves(X), y]]
 
     def changed(self) -> list[str]:
         """What differs from the snapshot: names of parameters and buffers, and

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import ExampleSet
 from .influence import Influence
+from .inputs import call_arguments
 from .objective import Objective
 from .parameters import TrackedParameters, evaluation_mode
 from .training import hessian_matrix, minimize, train_steps
@@ -99,7 +100,8 @@ def _test_losses(model: nn.Module, objective: Objective, test: ExampleSet) -> Te
     out = []
     with evaluation_mode(model), torch.no_grad():
         for _, X, y in test.batches(4096, parameter.device, parameter.dtype):
-            out.append(objective.test_loss(model(X), y))
+            args, kwargs = call_arguments(X)
+            out.append(objective.test_loss(model(*args, **kwargs), y))
     return torch.cat(out)
 
 

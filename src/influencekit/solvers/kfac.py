@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 from .. import arguments, distributed
 from ..curvature import HessianOperator
 from ..errors import CacheMismatchError, IndefiniteHessianError
+from ..inputs import Inputs, map_inputs
 from ..layers import (
     LayerBlock,
     find_blocks,
@@ -373,8 +374,9 @@ class KFAC(ApproximateInverse):
         theta = op.theta.detach()
         diagonal = torch.zeros(self.fallback_.numel(), dtype=op.dtype, device=op.device)
 
-        def pseudo_loss(th: Tensor, x: Tensor, root: Tensor) -> Tensor:
-            return (tracked.forward(th, x.unsqueeze(0))[0] * root).sum()
+        def pseudo_loss(th: Tensor, x: Inputs, root: Tensor) -> Tensor:
+            one = map_inputs(lambda t: t.unsqueeze(0), x)
+            return (tracked.forward(th, one)[0] * root).sum()
 
         for _, X, y in self._batches("Gauss-Newton diagonal"):
             with torch.no_grad():

@@ -127,7 +127,8 @@ def read_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def load(folder: Path, model: nn.Module, objective: Objective, train: Any,
-         data_id: str | None = None, progress: bool = False) -> Influence:
+         data_id: str | None = None, progress: bool = False,
+         batch_fn: Any = None) -> Influence:
     """A fitted Influence rebuilt from ``folder`` without a pass of the model over the data."""
     from ..influence import Influence
 
@@ -136,7 +137,7 @@ def load(folder: Path, model: nn.Module, objective: Objective, train: Any,
     settings = manifest["settings"]
     influence = Influence(model, objective, train,
                           solver=solver_from_settings(manifest["solver"]),
-                          progress=progress, **settings)
+                          progress=progress, batch_fn=batch_fn, **settings)
     tracked = TrackedParameters(model, influence.params)
     theta = tracked.flat()
     gradients = GradientComputer(tracked, objective, influence.vectorize)
