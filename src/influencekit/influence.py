@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import grad
 from tqdm.auto import tqdm
 
-from . import arguments, cache, distributed, stationarity
+from . import arguments, cache, distributed, memory, stationarity
 from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, HVPMode
 from .damping import DampingChoice, choose_damping
 from .data import BatchFn, ExampleSet, check_compatible, check_finite, raise_if_flagged
@@ -125,6 +125,9 @@ class Influence:
         batch_fn: turns each batch of the training and test data into ``(inputs, targets)``,
             for dict batches (``inputs`` may be a dict: the model is called as
             ``model(**inputs)``); see :mod:`influencekit.data`.
+        max_memory: a budget such as ``"4GB"``: sizes the chunks of examples, of curvature-
+            vector products and of queries solved together so that each stage fits
+            (:mod:`influencekit.memory`; see :meth:`plan`). ``None``: the sizes as given.
 
     Example:
         >>> inf = Influence(model, CrossEntropyObjective(weight_decay=0.01), (X, y)).fit()
@@ -137,7 +140,8 @@ class Influence:
                  hvp_mode: HVPMode = "auto", vectorize: bool = True,
                  progress: bool = False, curvature: Curvature = "hessian",
                  stationarity_tol: float | None = 0.05, scoring: str = "auto",
-                 query_rank: int | None = None, batch_fn: BatchFn | None = None) -> None:
+                 query_rank: int | None = None, batch_fn: BatchFn | None = None,
+                 max_memory: str | int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(objective, Objective):
@@ -152,6 +156,7 @@ class Influence:
                                                                                   damping)
         self.curvature = arguments.choice("curvature", curvature, CURVATURES)
         self.chunk_size = arguments.positive_integer("chunk_size", chunk_size)
+        self._requested_chunk_size = self.chunk_size
         self.hvp_mode = arguments.choice("hvp_mode", hvp_mode, HVP_MODES)
         self.vectorize = arguments.flag("vectorize", vectorize)
         self.progress = arguments.flag("progress", progress)
@@ -175,7 +180,9 @@ class Influence:
         self.model = model
         self.objective = objective
         self.batch_fn = batch_fn
+        self.max_memory = None if max_memory is None else memory.parse_size(max_memory)
         self.train_data = ExampleSet(train, "training data", batch_fn)
+        self.sizes_: memory.Sizes | None = None
         self.solver = make_solver(solver)
 
     # ------------------------------------------------------------------ fitting
@@ -187,6 +194,7 @@ class Influence:
         """
         tracked = TrackedParameters(self.model, self.params)
         _check_model(self.model, tracked.names)
+        self._size_for_budget()
         theta = tracked.flat()
         gradients = GradientComputer(tracked, self.objective, self.vectorize)
         self.tracked_ = tracked  # the batches below need its dtype and device
@@ -196,7 +204,8 @@ class Influence:
             operator = HessianOperator(gradients, self.train_data, theta,
                                        0.0 if self.damping == "auto" else self.damping,
                                        self.chunk_size, self.hvp_mode, self.progress,
-                                       self.curvature)
+                                       self.curvature,
+                                       self.sizes_.max_vectors if self.sizes_ else 128)
             self.solver.progress = self.solver.progress or self.progress
             self.damping_choice_ = self._choose_damping(operator)
             self.solver.prepare(operator)
@@ -207,6 +216,33 @@ class Influence:
             self.damping_,
         )
         return self
+
+    def _size_for_budget(self) -> None:
+        """Chunk, product and query-group sizes for ``max_memory`` (measured, one forward)."""
+        if self.max_memory is None:
+            return
+        _, parameter_bytes, activations = self._measure()
+        self.sizes_ = memory.sizes_for(self.max_memory, parameter_bytes, activations,
+                                       self._requested_chunk_size,
+                                       self.scoring == "gradients", self.solver.name)
+        self.chunk_size = self.sizes_.chunk_size
+        logger.info("max_memory %d bytes: chunk_size %d, max_vectors %d, %d queries at a time.",
+                    self.max_memory, self.chunk_size, self.sizes_.max_vectors,
+                    self.sizes_.query_group)
+
+    def plan(self, num_test: int = 100) -> memory.Plan:
+        """What fitting and scoring ``num_test`` queries will take, stage by stage: estimated
+        peak memory and passes over the data (one forward pass of one example, nothing more).
+        ``print(inf.plan(100))`` shows it as a table."""
+        arguments.positive_integer("num_test", num_test)
+        self._size_for_budget()
+        return memory.plan(self, num_test, self.sizes_, self._measure())
+
+    def _measure(self) -> tuple[int, int, int]:
+        """(p, bytes of a parameter vector, activation bytes of one example), measured once."""
+        if getattr(self, "_measured", None) is None:
+            self._measured = memory.measure(self)
+        return self._measured
 
     def _bind(self, theta: Tensor, gradients: GradientComputer, operator: HessianOperator,
               train_gradient_norm: float) -> None:
@@ -478,8 +514,16 @@ class Influence:
         """A⁻¹·v for each row of ``V`` ``(k, p)`` (or ``(p,)``), A = C + λ_d·I; see
         :attr:`last_solve_report`. ``(p, k)`` blocks and higher-precision ``V`` are refused."""
         self._require_fitted()
+        group = self.sizes_.query_group if self.sizes_ is not None else None
         with evaluation_mode(self.model):
-            return self.solver.solve(V)
+            if group is None or V.ndim < 2 or V.shape[0] <= group:
+                return self.solver.solve(V)
+            parts, reports = [], []  # within the budget: a few right-hand sides at a time
+            for start in range(0, V.shape[0], group):
+                parts.append(self.solver.solve(V[start : start + group]))
+                reports.append(self.solver.last_report)
+            self.solver.last_report = combine_reports(reports)
+            return torch.cat(parts)
 
     @property
     def last_solve_report(self) -> SolveReport | None:

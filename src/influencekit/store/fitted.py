@@ -69,7 +69,8 @@ def save(influence: Influence, folder: Path, data_id: str | None = None) -> Path
         "format": FORMAT, "version": VERSION, "influencekit": __version__,
         "torch": torch.__version__,
         "settings": {"damping": influence.damping, "params": influence.params,
-                     "chunk_size": influence.chunk_size, "hvp_mode": influence.hvp_mode,
+                     "chunk_size": influence._requested_chunk_size,
+                     "max_memory": influence.max_memory, "hvp_mode": influence.hvp_mode,
                      "vectorize": influence.vectorize, "curvature": influence.curvature,
                      "stationarity_tol": influence.stationarity_tol,
                      "scoring": influence.scoring, "query_rank": influence.query_rank},
@@ -138,6 +139,7 @@ def load(folder: Path, model: nn.Module, objective: Objective, train: Any,
     influence = Influence(model, objective, train,
                           solver=solver_from_settings(manifest["solver"]),
                           progress=progress, batch_fn=batch_fn, **settings)
+    influence._size_for_budget()  # with max_memory: one forward of one example
     tracked = TrackedParameters(model, influence.params)
     theta = tracked.flat()
     gradients = GradientComputer(tracked, objective, influence.vectorize)
@@ -152,9 +154,11 @@ def load(folder: Path, model: nn.Module, objective: Objective, train: Any,
             f"The fit saved in {folder} was made for something else: {', '.join(differing)} "
             f"differ{'s' if len(differing) == 1 else ''}.{hint} Refit (Influence(...).fit()) or "
             "load with the model, objective and training data it was saved with.")
+    sizes = influence.sizes_
     operator = HessianOperator(gradients, influence.train_data, theta,
                                manifest["operator"]["damping"], influence.chunk_size,
-                               influence.hvp_mode, progress, influence.curvature)
+                               influence.hvp_mode, progress, influence.curvature,
+                               sizes.max_vectors if sizes else 128)
     operator.restore_modes(manifest["operator"]["modes"])
     influence.solver.progress = progress
     influence.solver.restore(operator, unprefixed("solver", tensors), manifest["solver_state"])
