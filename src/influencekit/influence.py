@@ -221,10 +221,9 @@ class Influence:
         """Chunk, product and query-group sizes for ``max_memory`` (measured, one forward)."""
         if self.max_memory is None:
             return
-        _, parameter_bytes, activations = self._measure()
-        self.sizes_ = memory.sizes_for(self.max_memory, parameter_bytes, activations,
-                                       self._requested_chunk_size,
-                                       self.scoring == "gradients", self.solver.name)
+        _, parameter_bytes, activations, outputs = self._measure()
+        self.sizes_ = memory.sizes_for(self.max_memory, parameter_bytes, activations, outputs,
+                                       self._requested_chunk_size, self.solver.name)
         self.chunk_size = self.sizes_.chunk_size
         logger.info("max_memory %d bytes: chunk_size %d, max_vectors %d, %d queries at a time.",
                     self.max_memory, self.chunk_size, self.sizes_.max_vectors,
@@ -238,8 +237,9 @@ class Influence:
         self._size_for_budget()
         return memory.plan(self, num_test, self.sizes_, self._measure())
 
-    def _measure(self) -> tuple[int, int, int]:
-        """(p, bytes of a parameter vector, activation bytes of one example), measured once."""
+    def _measure(self) -> tuple[int, int, int, int]:
+        """(p, bytes of a parameter vector, activation bytes of one example, outputs per
+        example), measured once."""
         if getattr(self, "_measured", None) is None:
             self._measured = memory.measure(self)
         return self._measured
@@ -536,10 +536,23 @@ class Influence:
         """I_up,loss of every training point on every test point, ``(m, n)``.
 
         I[j, i] = −∇_θ L_test(z_j)ᵀ (C + λ_d·I)⁻¹ ∇_θ L(z_i). All test points share one block
-        solve and one pass over the training data.
+        solve and one pass over the training data; with ``max_memory`` they go in groups that
+        fit (one solve and one pass per group).
         """
-        S = self.solve(self.test_gradients(test))
-        return -self._dot_train_gradients(S, "scoring training points")
+        self._require_fitted()
+        group = self.sizes_.query_group if self.sizes_ is not None else None
+        data = self._test_set(test)
+        if group is None or len(data) <= group:
+            S = self.solve(self.test_gradients(data))
+            return -self._dot_train_gradients(S, "scoring training points")
+        parts, reports = [], []
+        for start in range(0, len(data), group):
+            chosen = data.take(list(range(start, min(start + group, len(data)))))
+            S = self.solve(self.test_gradients(chosen))
+            reports.append(self.solver.last_report)
+            parts.append(-self._dot_train_gradients(S, "scoring training points"))
+        self.solver.last_report = combine_reports(reports)
+        return torch.cat(parts)
 
     def _dot_train_gradients(self, S: Tensor, description: str,
                              rows: slice | None = None) -> Tensor:

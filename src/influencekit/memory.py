@@ -2,8 +2,10 @@
 
 ``Influence(..., max_memory="4GB")`` sizes, before any heavy pass:
 
-- ``chunk_size``: examples per pass, so that a chunk's per-example gradients (p numbers each,
-  where they are formed) and its activations fit in a quarter of the budget;
+- ``chunk_size``: examples per pass, so that a chunk's per-example gradients (p numbers each:
+  the stationarity sample, self-influence and the per-example scoring path form them) and its
+  activations (K-FAC's passes pull back one vector per model output: K times as many) fit in a
+  quarter of the budget;
 - ``max_vectors``: curvature-vector products formed together per chunk, so that their forward
   and backward activations fit in another quarter;
 - ``query_group``: right-hand sides solved together. Block CG keeps about six (k × p) blocks
@@ -130,9 +132,9 @@ def _show(size: float) -> str:
     return f"{int(size)} B"
 
 
-def measure(influence: Influence) -> tuple[int, int, int]:
+def measure(influence: Influence) -> tuple[int, int, int, int]:
     """(tracked parameters p, bytes of a parameter vector, activation bytes of one training
-    example), from one forward pass of the first training example."""
+    example, outputs per example), from one forward pass of the first training example."""
     from .parameters import TrackedParameters, evaluation_mode
 
     tracked = TrackedParameters(influence.model, influence.params)
@@ -140,17 +142,21 @@ def measure(influence: Influence) -> tuple[int, int, int]:
     X, _ = influence.train_data.take([0], tracked.device, tracked.dtype)
     X = rows_of(X, slice(0, 1))
     theta = tracked.flat()
+    outputs: list[int] = []
+
+    def forward(x: Any) -> None:
+        outputs.append(int(tracked.forward(theta, x).numel()))
+
     with evaluation_mode(influence.model):
-        activations = activation_bytes(influence.model, lambda x: tracked.forward(theta, x), X)
-    return tracked.dim, tracked.dim * element, max(activations, 1)
+        activations = activation_bytes(influence.model, forward, X)
+    return tracked.dim, tracked.dim * element, max(activations, 1), max(outputs[0], 1)
 
 
-def sizes_for(budget: int, parameter_bytes: int, activations: int, chunk_size: int,
-              uses_per_example_gradients: bool, solver: str) -> Sizes:
+def sizes_for(budget: int, parameter_bytes: int, activations: int, outputs: int,
+              chunk_size: int, solver: str) -> Sizes:
     """The sizes that keep each stage within ``budget`` (see the module docstring)."""
-    per_example = activations * (1 + BACKWARD_FACTOR)
-    if uses_per_example_gradients:
-        per_example += parameter_bytes
+    pullbacks = outputs if solver in ("kfac", "ekfac", "deflated") else 1
+    per_example = activations * (1 + BACKWARD_FACTOR * pullbacks) + parameter_bytes
     chunk = max(1, min(chunk_size, int(budget / 4 // per_example)))
     vectors = max(1, int(budget / 4 // max(1.0, chunk * activations * PRODUCT_FACTOR)))
     blocks = CG_BLOCKS if solver in ("cg", "deflated") else LISSA_BLOCKS
@@ -159,10 +165,10 @@ def sizes_for(budget: int, parameter_bytes: int, activations: int, chunk_size: i
 
 
 def plan(influence: Influence, num_test: int, sizes: Sizes | None,
-         measured: tuple[int, int, int]) -> Plan:
+         measured: tuple[int, int, int, int]) -> Plan:
     """The stages of fitting and scoring ``num_test`` queries, with their estimated peak memory
     and passes over the training data (see :class:`Plan`); ``measured`` is :func:`measure`'s."""
-    dim, parameter_bytes, activations = measured
+    dim, parameter_bytes, activations, outputs = measured
     n = len(influence.train_data)
     chunk = sizes.chunk_size if sizes else influence.chunk_size
     vectors = sizes.max_vectors if sizes else 128
@@ -173,12 +179,13 @@ def plan(influence: Influence, num_test: int, sizes: Sizes | None,
     report = Plan(sizes, n, num_test, dim)
     report.stages.append(("fit: data checks and ∇R(θ̂)", int(chunk_pass + 2 * p), "1",
                           "one batched gradient per chunk"))
-    report.stages.append(("fit: stationarity sample", int(min(n, 256) * p + chunk_pass), "0",
-                          "≤ 256 per-example gradients"))
+    report.stages.append(("fit: stationarity sample", int(chunk * p + chunk_pass), "0",
+                          f"≤ 256 per-example gradients, {chunk} at a time"))
     if solver in ("KFAC", "EKFAC"):
         refine = getattr(influence.solver, "refine", 1)
         passes = 1 + refine + (1 if solver == "EKFAC" else 0)
-        report.stages.append((f"fit: {solver} factors", int(chunk_pass * 10 + 2 * p),
+        pulled = chunk * activations * (1 + BACKWARD_FACTOR * outputs)
+        report.stages.append((f"fit: {solver} factors", int(pulled + 2 * p),
                               str(passes), "exact expectation: one pullback per output"))
     products = min(group, num_test)
     block = products * p

@@ -142,15 +142,25 @@ class Distortion:
     inner_product_error_max: float
 
 
+def gram(rows: Tensor, block: int = 1 << 20) -> Tensor:
+    """rows·rowsᵀ (b, b) in float64, a block of columns at a time (no float64 copy of rows)."""
+    out = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[1], block):
+        part = rows[:, start : start + block].double()
+        out += part @ part.T
+    return out
+
+
 def measure_distortion(full: Tensor, projected: Tensor) -> Distortion:
     """Distortion of ``projected`` (b, k) against ``full`` (b, p), the same rows."""
-    full, projected = full.double(), projected.double()
-    norms = full.norm(dim=1)
+    full_gram, projected_gram = gram(full), gram(projected)
+    norms = full_gram.diagonal().clamp_min(0).sqrt()
     keep = norms > 0
-    full, projected, norms = full[keep], projected[keep], norms[keep]
-    ratio = projected.pow(2).sum(dim=1) / norms.pow(2)
+    full_gram = full_gram[keep][:, keep]
+    projected_gram, norms = projected_gram[keep][:, keep], norms[keep]
+    ratio = projected_gram.diagonal() / norms.pow(2)
     scale = norms[:, None] * norms[None, :]
-    error = ((projected @ projected.T) - (full @ full.T)).abs() / scale
+    error = (projected_gram - full_gram).abs() / scale
     pairs = ~torch.eye(len(norms), dtype=torch.bool, device=error.device)
     off = error[pairs] if len(norms) > 1 else error.reshape(-1)
     return Distortion(len(norms), float(ratio.mean()), float((ratio - 1).abs().max()),

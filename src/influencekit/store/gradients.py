@@ -12,8 +12,9 @@ with commit records, resumed after a kill). With a projection
   gradients, never the full gradient; other parameters are differentiated alone and projected
   by a ``RandomProjection`` of ``rest_dim``.
 
-The distortion a projection introduces is measured on the store's first rows (up to 64) against
-their full gradients and kept in ``distortion.json``. A store depends only on the model, the
+The distortion a projection introduces is measured on the store's first rows (up to 64, and up to
+one chunk) against their full gradients and kept in ``distortion.json``. A shard holds at most
+16 chunks and 256 MiB by default. A store depends only on the model, the
 objective and the training data (its manifest holds their fingerprint), so it serves any
 solver: ``Influence.score(test, out, gradients=store)`` then costs one solve and one streamed
 pass over the store, scoring the projected query Ps against each Pg_i.
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 FORMAT = "influencekit-gradient-store"
 VERSION = 1
 DISTORTION_SAMPLE = 64
+#: the default shard holds at most this many bytes (and at most 16 chunks of examples)
+SHARD_BYTES = 256 * 2**20
 Projection = RandomProjection | KroneckerProjection
 
 
@@ -132,9 +135,11 @@ def index(influence: Influence, out: str | Path, projection: Projection | None =
           shard_size: int | None = None, data_id: str | None = None) -> GradientStore:
     """Write (or resume) the gradient store ``out``; returns its reader."""
     influence._require_fitted()
-    shard_size = arguments.positive_integer(
-        "shard_size", shard_size if shard_size is not None else 16 * influence.chunk_size)
     projector = Projector(influence, projection)
+    row_bytes = projector.dim * torch.finfo(influence._dtype()).bits // 8
+    default = max(1, min(16 * influence.chunk_size, SHARD_BYTES // row_bytes))
+    shard_size = arguments.positive_integer(
+        "shard_size", shard_size if shard_size is not None else default)
     folder = ShardFolder(out, _header(influence, projector, shard_size, data_id))
     n = influence.num_train_
     blocks = [slice(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
@@ -142,7 +147,7 @@ def index(influence: Influence, out: str | Path, projection: Projection | None =
     with evaluation_mode(influence.model):
         if projection is not None and folder.read_json("distortion") is None \
                 and distributed.rank() == 0:
-            sample = slice(0, min(DISTORTION_SAMPLE, n))
+            sample = slice(0, min(DISTORTION_SAMPLE, influence.chunk_size, n))
             X, y = next(influence.train_data.batches(sample.stop, device, dtype, sample))[1:]
             full = influence.gradients_.train(influence.theta_, X, y)
             measured = measure_distortion(full, projector.rows(X, y))
