@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import influencekit as ik
+from influencekit.scoring import leading_singular_triplets
 
 from conftest import Problem, relative_error
 
@@ -117,3 +118,21 @@ def test_query_rank_needs_layer_scoring(logreg: Problem) -> None:
     with pytest.raises(ik.InvalidSettingError, match="query_rank"):
         ik.Influence(logreg.model, logreg.objective, logreg.train, scoring="gradients",
                      query_rank=4)
+
+
+def test_randomized_truncation_reports_the_exact_error_of_what_it_uses() -> None:
+    """Matrices larger than r + 10: the randomized range finder's U σ Vᴴ is U Uᵀ Q, its
+    reported error is ‖Q − U σ Vᴴ‖_F exactly, and it is within 1% of the optimal (full SVD)."""
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(3, 80, 80, generator=g, dtype=torch.float64)
+    decay = torch.logspace(0, -3, 60, dtype=torch.float64)  # a decaying spectrum
+    Q = (left[:, :, :60] * decay) @ torch.randn(3, 60, 70, generator=g, dtype=torch.float64)
+    U, sigma, Vh = leading_singular_triplets(Q, 8)
+    approximation = (U * sigma[:, None, :]) @ Vh
+    torch.testing.assert_close(approximation, U @ (U.transpose(1, 2) @ Q), rtol=1e-9,
+                               atol=1e-12)
+    claimed = (Q.flatten(1).pow(2).sum(1) - sigma.pow(2).sum(1)).clamp_min(0).sqrt()
+    actual = (Q - approximation).flatten(1).norm(dim=1)
+    torch.testing.assert_close(claimed, actual, rtol=1e-8, atol=1e-10)
+    optimal = torch.linalg.svdvals(Q)[:, 8:].pow(2).sum(1).sqrt()
+    assert bool((actual <= optimal * 1.01).all()) and bool((actual >= optimal * (1 - 1e-9)).all())

@@ -91,6 +91,14 @@ class TopK:
     harmful_scores: Tensor
 
 
+def gradient_chunk(chunk_size: int, theta: Tensor) -> int:
+    """Examples per vmap where full per-example gradients are kept only briefly (the
+    stationarity sample, test gradients): ``chunk_size``, capped so that their gradients take
+    at most ``memory.GRADIENT_CHUNK_BYTES``."""
+    per_example = theta.numel() * theta.element_size()
+    return max(1, min(chunk_size, memory.GRADIENT_CHUNK_BYTES // per_example))
+
+
 class Influence:
     """Influence of training points on a trained model's test losses.
 
@@ -223,7 +231,8 @@ class Influence:
             return
         _, parameter_bytes, activations, outputs = self._measure()
         self.sizes_ = memory.sizes_for(self.max_memory, parameter_bytes, activations, outputs,
-                                       self._requested_chunk_size, self.solver.name)
+                                       self._requested_chunk_size, self.solver.name,
+                                       getattr(self.solver, "samples", None))
         self.chunk_size = self.sizes_.chunk_size
         logger.info("max_memory %d bytes: chunk_size %d, max_vectors %d, %d queries at a time.",
                     self.max_memory, self.chunk_size, self.sizes_.max_vectors,
@@ -340,7 +349,7 @@ class Influence:
             """‖∇L(z_i)‖² of the sample's examples at ``positions`` (k, 1), as (k, 1)."""
             Xs, ys = rows_of(X, positions[:, 0]), y[positions[:, 0]]
             out = torch.zeros(len(positions), 1, dtype=theta.dtype, device=theta.device)
-            for s in _slices(len(positions), self.chunk_size):
+            for s in _slices(len(positions), gradient_chunk(self.chunk_size, theta)):
                 out[s, 0] = gradients.train(theta, rows_of(Xs, s), ys[s]).pow(2).sum(dim=1)
             return out
 
@@ -431,12 +440,17 @@ class Influence:
         """``(m, p)`` gradients of the test measurement at each test point (no regulariser)."""
         self._require_fitted()
         data = self._test_set(test)
-        rows = []
+        out = torch.empty(len(data), self.tracked_.dim, dtype=self._dtype(),
+                          device=self._device())
+        step = gradient_chunk(self.chunk_size, self.theta_)
         with evaluation_mode(self.model):
             for idx, X, y in self._batches(data, "test gradients"):
                 self._check_batch(self.gradients_, self.theta_, idx, X, y, data, test=True)
-                rows.append(_finite(self.gradients_.test(self.theta_, X, y), idx, "test"))
-        return torch.cat(rows)
+                for part in _slices(len(y), step):
+                    rows = slice(idx.start + part.start, idx.start + part.stop)
+                    out[rows] = _finite(self.gradients_.test(self.theta_, rows_of(X, part),
+                                                             y[part]), rows, "test")
+        return out
 
     def train_gradients(self, indices: Tensor | Sequence[int] | None = None) -> Tensor:
         """``(k, p)`` training gradients ∇_θ L(z_i) (regulariser included) for ``indices``.

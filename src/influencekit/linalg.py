@@ -21,3 +21,16 @@ def orthonormal_columns(Z: Tensor, relative_floor: float | None = None) -> Tenso
     diagonal = R.diagonal().abs()
     keep = diagonal > relative_floor * diagonal.max().clamp_min(torch.finfo(Z.dtype).tiny)
     return Q if bool(keep.all()) else Q[:, keep]  # a column gather copies the whole block
+
+
+#: elements checked at once by :func:`finite_rows` (torch.isfinite makes float temporaries)
+FINITE_CHECK_ELEMENTS = 2**24
+
+
+def finite_rows(X: Tensor) -> Tensor:
+    """Whether each row of X (k, p) is free of NaN and inf, as a (k,) bool tensor, checked a
+    block of rows at a time so that the temporaries stay small for large p."""
+    rows = max(1, FINITE_CHECK_ELEMENTS // max(1, X[0].numel() if X.shape[0] else 1))
+    return torch.cat([torch.isfinite(X[j:j + rows]).flatten(1).all(dim=1)
+                      for j in range(0, X.shape[0], rows)]) if X.shape[0] else \
+        torch.ones(0, dtype=torch.bool, device=X.device)

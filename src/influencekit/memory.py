@@ -36,6 +36,10 @@ from torch import Tensor, nn
 from .errors import InputTypeError, InvalidSettingError
 from .inputs import rows_of
 
+#: the most bytes of per-example gradients formed at once where they are kept only briefly
+#: (the stationarity sample, test gradients)
+GRADIENT_CHUNK_BYTES = 256 * 2**20
+
 if TYPE_CHECKING:
     from .influence import Influence
 
@@ -153,9 +157,11 @@ def measure(influence: Influence) -> tuple[int, int, int, int]:
 
 
 def sizes_for(budget: int, parameter_bytes: int, activations: int, outputs: int,
-              chunk_size: int, solver: str) -> Sizes:
-    """The sizes that keep each stage within ``budget`` (see the module docstring)."""
-    pullbacks = outputs if solver in ("kfac", "ekfac", "deflated") else 1
+              chunk_size: int, solver: str, samples: int | None = None) -> Sizes:
+    """The sizes that keep each stage within ``budget`` (see the module docstring);
+    ``samples``: a Kronecker solver's random-sign pullbacks per example (``None``: one per
+    output)."""
+    pullbacks = (samples or outputs) if solver in ("kfac", "ekfac", "deflated") else 1
     per_example = activations * (1 + BACKWARD_FACTOR * pullbacks) + parameter_bytes
     chunk = max(1, min(chunk_size, int(budget / 4 // per_example)))
     vectors = max(1, int(budget / 4 // max(1.0, chunk * activations * PRODUCT_FACTOR)))
@@ -179,14 +185,18 @@ def plan(influence: Influence, num_test: int, sizes: Sizes | None,
     report = Plan(sizes, n, num_test, dim)
     report.stages.append(("fit: data checks and ∇R(θ̂)", int(chunk_pass + 2 * p), "1",
                           "one batched gradient per chunk"))
-    report.stages.append(("fit: stationarity sample", int(chunk * p + chunk_pass), "0",
-                          f"≤ 256 per-example gradients, {chunk} at a time"))
+    sampled = max(1, min(chunk, GRADIENT_CHUNK_BYTES // p))
+    report.stages.append(("fit: stationarity sample", int(sampled * p + chunk_pass), "0",
+                          f"≤ 256 per-example gradients, {sampled} at a time"))
     if solver in ("KFAC", "EKFAC"):
         refine = getattr(influence.solver, "refine", 1)
         passes = 1 + refine + (1 if solver == "EKFAC" else 0)
-        pulled = chunk * activations * (1 + BACKWARD_FACTOR * outputs)
+        samples = getattr(influence.solver, "samples", None)
+        pulled = chunk * activations * (1 + BACKWARD_FACTOR * (samples or outputs))
+        how = ("exact expectation: one pullback per output" if samples is None
+               else f"{samples} random-sign pullback(s) per example")
         report.stages.append((f"fit: {solver} factors", int(pulled + 2 * p),
-                              str(passes), "exact expectation: one pullback per output"))
+                              str(passes), how))
     products = min(group, num_test)
     block = products * p
     if solver in ("CG", "LiSSA", "Deflated", "Direct", "Arnoldi"):

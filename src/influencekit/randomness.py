@@ -35,3 +35,32 @@ def seeded(seed: int, devices: Sequence[torch.device | str] = ()) -> Iterator[No
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(int(seed))
         yield
+
+
+_MASK = 0x7FFFFFFF  # 31 bits: every product below stays under 2⁶² in int64
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash, elementwise (multiplicative mixing and xor-shifts)."""
+    for multiplier in (1103515245, 1664525, 22695477):
+        x = (x * multiplier + 12345) & _MASK
+        x = x ^ (x >> 13)
+    return x
+
+
+def rademacher(rows: torch.Tensor, columns: int, draws: int, seed: int) -> torch.Tensor:
+    """Random signs ±1 of shape ``(draws, len(rows), columns)`` that depend only on
+    (seed, row, column, draw): the same row gets the same signs in any chunk and any process.
+
+    ``rows``: int64 global example indices. The signs are a counter-based hash, not a stream, so
+    no generator state is carried between chunks or ranks.
+    """
+    device = rows.device
+    h = _mix(torch.full((), int(seed) & _MASK, dtype=torch.int64, device=device))
+    h = _mix(h ^ (rows.to(torch.int64) & _MASK))
+    h = _mix(h ^ (rows.to(torch.int64) >> 31))
+    column = torch.arange(columns, dtype=torch.int64, device=device)
+    draw = torch.arange(draws, dtype=torch.int64, device=device)
+    h = _mix(h[None, :, None] ^ column[None, None, :])
+    h = _mix(h ^ ((draw[:, None, None] + 0x5BD1E995) & _MASK))
+    return ((h >> 16) & 1).mul(2).sub(1)

@@ -13,10 +13,11 @@ gives every a and s; the shares are then batched products, chosen per layer by t
   (out × in) per-example array.
 - ``"outer"``: G_i = Σ_t s_it a_itᵀ once (T·out·in), then one matrix product with all queries
   (m·out·in): cheaper when T > 1 and m > 1 (convolutions).
-- ``"low-rank"`` (with ``query_rank=r``): each query's Q truncated to its r largest singular
-  triplets, Q ≈ U Vᵀ, and the share is Σ_t (Uᵀ s_it)·(Vᵀ a_it): m·T·r·(out + in). An
-  approximation (kronfluence's ``query_gradient_rank``); the relative error ‖Q − Q_r‖_F/‖Q‖_F
-  is reported per layer and for the whole query. Used for a layer only where it is cheaper.
+- ``"low-rank"`` (with ``query_rank=r``): each query's Q truncated to its r leading singular
+  triplets (a seeded randomized SVD), Q ≈ U Vᵀ, and the share is Σ_t (Uᵀ s_it)·(Vᵀ a_it):
+  m·T·r·(out + in). An approximation (kronfluence's ``query_gradient_rank``); the relative
+  error ‖Q − Q_r‖_F/‖Q‖_F is reported per layer and for the whole query. Used for a layer only
+  where it is cheaper.
 
 Tracked parameters outside such layers are differentiated alone, per example, and the
 regulariser's share sᵀ(λ ⊙ θ̂) is added to every score. :class:`ScoringReport` says what was done.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from . import randomness
 from .inputs import batch_size
 from .layers import find_blocks, layer_signals, weight_matrix
 
@@ -57,6 +59,36 @@ class ScoringReport:
     query_error: dict[str, float] = field(default_factory=dict)
     total_query_error: float = 0.0
     rest_parameters: int = 0
+
+
+#: extra sketch columns and power iterations of the randomized range finder
+OVERSAMPLING, POWER_ITERATIONS = 10, 2
+#: the most bytes of float64 query matrices truncated at once
+TRUNCATION_BYTES = 64 * 2**20
+
+
+def leading_singular_triplets(Q: Tensor, rank: int, seed: int = 0
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """The r leading singular triplets of each matrix of Q (m, out, in): U (m, out, r),
+    σ (m, r), Vᴴ (m, r, in), with U σ Vᴴ = U Uᵀ Q.
+
+    A randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4): Y = (Q Qᵀ)^q Q Ω for a
+    seeded Gaussian Ω of r + 10 columns, re-orthonormalised between products, then the SVD of
+    the small Yᵀ Q. It costs O(out·in·(r + 10)) per product instead of a full SVD's
+    O(out·in·min(out, in)); when r + 10 ≥ min(out, in) the range is exact and so is the SVD.
+    U Uᵀ Q is the approximation used, so ‖Q‖²_F − Σσ² is its exact squared error.
+    """
+    m, rows, columns = Q.shape
+    if rank + OVERSAMPLING >= min(rows, columns):
+        U, sigma, Vh = torch.linalg.svd(Q, full_matrices=False)
+        return U[:, :, :rank], sigma[:, :rank], Vh[:, :rank, :]
+    omega = torch.randn(m, columns, rank + OVERSAMPLING, dtype=Q.dtype, device=Q.device,
+                        generator=randomness.generator(seed, Q.device))
+    basis = torch.linalg.qr(Q @ omega).Q
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(Q @ torch.linalg.qr(Q.transpose(1, 2) @ basis).Q).Q
+    U_small, sigma, Vh = torch.linalg.svd(basis.transpose(1, 2) @ Q, full_matrices=False)
+    return (basis @ U_small[:, :, :rank]), sigma[:, :rank], Vh[:, :rank, :]
 
 
 def layer_path_applies(influence: Influence) -> bool:
@@ -87,27 +119,39 @@ class LayerScorer:
             self._truncate(query_rank, S)
 
     def _truncate(self, rank: int, S: Tensor) -> None:
-        """Q ≈ U Vᵀ per query and layer, from the r largest singular triplets (float64 SVD)."""
+        """Q ≈ U Vᵀ per query and layer: Q projected on the span of its r leading left singular
+        vectors (float64; see :func:`leading_singular_triplets`), with the error of exactly that
+        approximation reported."""
         squared_errors = torch.zeros(self.m, dtype=torch.float64, device=S.device)
         for index, (block, Q) in enumerate(zip(self.blocks, self.queries, strict=True)):
             r = min(rank, *Q.shape[1:])
             if r >= min(Q.shape[1:]):
                 continue  # not smaller than the matrix: nothing to gain
-            U, sigma, Vh = torch.linalg.svd(Q.double(), full_matrices=False)
-            dropped = sigma[:, r:].pow(2).sum(dim=1)
+            group = max(1, TRUNCATION_BYTES // (Q[0].numel() * 8))  # float64 queries at a time
+            parts = [leading_singular_triplets(Q[j:j + group].double(), r)
+                     for j in range(0, self.m, group)]
+            U, sigma, Vh = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
+            norms = torch.cat([Q[j:j + group].double().flatten(1).pow(2).sum(dim=1)
+                               for j in range(0, self.m, group)])
+            dropped = (norms - sigma.pow(2).sum(dim=1)).clamp_min(0)  # ‖Q − U Uᵀ Q‖²_F
             squared_errors += dropped
-            norms = Q.double().flatten(1).pow(2).sum(dim=1).clamp_min(1e-300)
-            self.report.query_error[block.name] = float((dropped / norms).sqrt().max())
-            self.factors[index] = ((U[:, :, :r] * sigma[:, None, :r]).to(Q.dtype),
-                                   Vh[:, :r, :].transpose(1, 2).to(Q.dtype))
-        total = S.double().pow(2).sum(dim=1).clamp_min(1e-300)
+            self.report.query_error[block.name] = float(
+                (dropped / norms.clamp_min(1e-300)).sqrt().max())
+            # as (out, m·r) and (in, m·r) matrices: one matrix product per chunk
+            U_r = (U[:, :, :r] * sigma[:, None, :r]).to(Q.dtype)  # (m, out, r)
+            V_r = Vh[:, :r, :].transpose(1, 2).to(Q.dtype)  # (m, in, r)
+            self.factors[index] = (U_r.permute(1, 0, 2).reshape(U_r.shape[1], -1),
+                                   V_r.permute(1, 0, 2).reshape(V_r.shape[1], -1))
+        rows = max(1, TRUNCATION_BYTES // (S.shape[1] * 8))
+        total = torch.cat([S[j:j + rows].double().pow(2).sum(dim=1)
+                           for j in range(0, self.m, rows)]).clamp_min(1e-300)
         self.report.total_query_error = float((squared_errors / total).sqrt().max())
 
     def _method(self, index: int, T: int, out_features: int, in_features: int) -> str:
         costs = {"direct": self.m * T * out_features * in_features,
                  "outer": T * out_features * in_features + self.m * out_features * in_features}
         if self.factors[index] is not None:
-            r = self.factors[index][0].shape[2]
+            r = self.factors[index][0].shape[1] // self.m
             costs["low-rank"] = self.m * T * r * (out_features + in_features)
         return min(costs, key=costs.__getitem__)
 
@@ -127,12 +171,16 @@ class LayerScorer:
             s = s[0]  # (b, T, out)
             method = self._method(index, a.shape[1], block.out_features, block.in_features)
             self.report.layers[block.name] = method
-            if method == "low-rank":
+            T = a.shape[1]
+            if method == "low-rank":  # Σ_t (U_jᵀ s_it)·(V_jᵀ a_it), as two matrix products
                 U, V = self.factors[index]
-                total += torch.einsum("mbtr,mbtr->mb", torch.einsum("mir,bti->mbtr", V, a),
-                                      torch.einsum("mor,bto->mbtr", U, s))
-            elif method == "direct":
-                total += torch.einsum("mbto,bto->mb", torch.einsum("moi,bti->mbto", Q, a), s)
+                projected = (a.reshape(b * T, -1) @ V) * (s.reshape(b * T, -1) @ U)
+                total += projected.reshape(b, T * self.m, -1).sum(dim=2).reshape(
+                    b, T, self.m).sum(dim=1).T
+            elif method == "direct":  # Σ_t s_itᵀ (Q_j a_it): (b·T, in) @ (in, m·out)
+                products = a.reshape(b * T, -1) @ Q.reshape(-1, Q.shape[2]).T
+                total += (products.reshape(b, T, self.m, -1) * s[:, :, None, :]).sum(
+                    dim=(1, 3)).T
             else:
                 G = torch.einsum("bto,bti->boi", s, a)
                 total += Q.flatten(1) @ G.flatten(1).T

@@ -29,6 +29,7 @@ from ..errors import (
     NotFittedError,
     SolverDivergedError,
 )
+from ..linalg import finite_rows
 from ..spectrum import SpectrumEstimate, lanczos_ritz_values
 
 #: Lanczos steps of the default spectrum estimate (``damping="auto"``)
@@ -189,7 +190,7 @@ class Solver(ABC):
         """
         op = self.operator
         rows, single = as_rows(V, op.dim, op.dtype, op.device, f"{type(self).__name__}.solve")
-        bad = ~torch.isfinite(rows).all(dim=1)
+        bad = ~finite_rows(rows)
         if bool(bad.any()):
             where = torch.nonzero(bad).flatten().tolist()[:10]
             raise NonFiniteError(
@@ -200,7 +201,7 @@ class Solver(ABC):
         return X[0] if single else X
 
     def _check_output(self, X: Tensor) -> None:
-        bad = ~torch.isfinite(X).all(dim=1)
+        bad = ~finite_rows(X)
         if bool(bad.any()):
             where = torch.nonzero(bad).flatten().tolist()[:10]
             raise SolverDivergedError(

@@ -41,6 +41,14 @@ EK-FAC (George et al. 2018) keeps the eigenbasis but replaces λ_S λ_Aᵀ by th
 of the projected per-example gradients, Λ*_{jk} = (1/n) Σ_{i,c} [(Q_Sᵀ G_ic Q_A)_{jk}]², the
 Frobenius-closest diagonal in that basis — so EK-FAC is never farther from G than K-FAC.
 
+``samples=r`` replaces the K pullbacks per example by r random-sign combinations
+σ_ic = Σ_c ξ_icr L_ic / √r, with Rademacher signs ξ fixed by (seed, example index, column,
+draw). Since E[ξ ξᵀ] = I, every sum above that is quadratic in s (S, the refinement's weights,
+the corrected eigenvalues) keeps its expectation: the estimate is unbiased, costs r instead of
+K backward passes per example, and works for any loss (a sampled-label Fisher needs a
+likelihood to sample from). The signs depend only on the example, so the same data gives the
+same factors in any chunking and any number of processes.
+
 Layers are independent blocks (block-diagonal G). Tracked parameters outside supported layers
 (other module types, grouped or ``padding="same"`` convolutions, a bias tracked without its
 weight) fall back to the exact diagonal of G, (1/n) Σ_{i,c} (J_iᵀ L_ic)², with a log message.
@@ -58,6 +66,7 @@ constant input); that is refused with the setting to change rather than returnin
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,10 +84,15 @@ from ..layers import (
     layer_signals,
     weight_matrix,
 )
+from ..randomness import rademacher
 from ..spectrum import SpectrumEstimate
 from .base import ApproximateInverse
 
 logger = logging.getLogger(__name__)
+
+
+#: the most bytes of one layer's (k, out, in) work arrays formed at once when applying
+APPLY_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -106,14 +120,23 @@ class KFAC(ApproximateInverse):
             training data. The default 1 fits A to K-FAC's S; 0 keeps the expectation factors of
             Martens & Grosse (the published K-FAC and EK-FAC).
         tol: with ``verify``, the residual ``converged`` is judged by (``None``: not judged).
+        samples: ``None`` (default): the exact expectation over the output Hessian's K
+            square-root columns, K pullbacks per example. An integer r: r random-sign
+            combinations of them (see the module docstring), an unbiased estimate for K/r of the
+            cost; the report's notes say so.
+        seed: the signs' seed when ``samples`` is set.
     """
 
     name = "kfac"
     eigenvalue_correction = False
 
     def __init__(self, chunk_size: int | None = None, progress: bool = False,
-                 verify: bool = False, refine: int = 1, tol: float | None = None) -> None:
+                 verify: bool = False, refine: int = 1, tol: float | None = None,
+                 samples: int | None = None, seed: int = 0) -> None:
         super().__init__(verify=verify, tol=tol)
+        self.samples = (None if samples is None
+                        else arguments.integer("samples", samples, minimum=1))
+        self.seed = arguments.seed("seed", seed)
         self.refine = arguments.integer("refine", refine, minimum=0)  # least-squares steps
         self.chunk_size = arguments.optional_positive_integer("chunk_size", chunk_size)
         self.progress = arguments.flag("progress", progress)
@@ -266,15 +289,31 @@ class KFAC(ApproximateInverse):
 
         H = vmap(hessian(loss))(flat, y)  # (b, K, K)
         eigenvalues, eigenvectors = torch.linalg.eigh(H.double())
-        roots = (eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)).to(flat.dtype)
+        # eigenvalues at round-off level (cross-entropy's null direction) are zero, so that
+        # batch-size-dependent rounding cannot make their roots appear and vanish
+        floor = eigenvalues.shape[-1] * torch.finfo(H.dtype).eps * \
+            eigenvalues.abs().amax(dim=-1, keepdim=True)
+        eigenvalues = torch.where(eigenvalues > floor, eigenvalues, 0.0)
+        # the symmetric root Q Λ^½ Qᵀ: unique, unlike Q Λ^½, whose columns change sign with
+        # the eigensolver's choices (which random-sign combinations would see)
+        roots = ((eigenvectors * eigenvalues.sqrt().unsqueeze(1))
+                 @ eigenvectors.transpose(1, 2)).to(flat.dtype)
         return roots.permute(2, 0, 1).reshape(-1, b, *shape)  # column c of L_i at [c, i]
 
     def _pass(self, description: str):
-        """Per chunk: for each block, (a (b, T, in), s (K, b, T, out))."""
+        """Per chunk: for each block, (a (b, T, in), s (K, b, T, out)); K = ``samples`` when
+        set (random-sign combinations of the output Hessian's roots)."""
         op = self.operator
-        for _, X, y in self._batches(description):
-            def pull_back(outputs: Tensor, y: Tensor = y) -> tuple[Tensor, Tensor]:
-                return outputs, self._output_hessian_roots(outputs, y)
+        for rows, X, y in self._batches(description):
+            def pull_back(outputs: Tensor, y: Tensor = y, rows: slice = rows
+                          ) -> tuple[Tensor, Tensor]:
+                roots = self._output_hessian_roots(outputs, y)  # (K, b, ...)
+                if self.samples is None:
+                    return outputs, roots
+                indices = torch.arange(rows.start, rows.stop, device=roots.device)
+                signs = rademacher(indices, roots.shape[0], self.samples, self.seed)
+                combined = torch.einsum("rbk,kb...->rb...", signs.to(roots.dtype), roots)
+                return outputs, combined / math.sqrt(self.samples)
 
             yield layer_signals(op.gradients.tracked, op.theta, X, self.blocks_, pull_back)[1]
 
@@ -396,25 +435,38 @@ class KFAC(ApproximateInverse):
         """(G̃ + δI)^(−power) V in each layer's eigenbasis (power 1: the inverse, ½: its root)."""
         damping = self.operator.damping
         out = torch.empty_like(V)
-        k = V.shape[0]
+        largest = max((block.out_features * block.in_features for block in self.blocks_),
+                      default=1)
+        group = max(1, APPLY_BYTES // (largest * V.element_size()))  # rows at a time
         for block in self.blocks_:
-            W = weight_matrix(block, V)
-            rotated = block.Q_S.T @ W @ block.Q_A
             denominator = (block.scale + block.decay + damping) ** power
-            W = block.Q_S @ (rotated / denominator) @ block.Q_A.T
-            if block.bias is not None:
-                out[:, block.bias] = W[:, :, -1]
-                W = W[:, :, :-1]
-            out[:, block.weight] = W.reshape(k, -1)
+            for first in range(0, V.shape[0], group):
+                rows = slice(first, first + group)
+                W = block.Q_S.T @ weight_matrix(block, V[rows]) @ block.Q_A
+                W = block.Q_S @ (W / denominator) @ block.Q_A.T
+                if block.bias is not None:
+                    out[rows, block.bias] = W[:, :, -1]
+                    W = W[:, :, :-1]
+                out[rows, block.weight] = W.reshape(W.shape[0], -1)
         if self.fallback_ is not None and self.fallback_.numel():
             shift = self._fallback_decay() + damping
             out[:, self.fallback_] = (V[:, self.fallback_]
                                       / (self.fallback_diagonal_ + shift) ** power)
         return out
 
+    def _notes(self) -> tuple[str, ...]:
+        notes = super()._notes()
+        if self.samples is not None:
+            notes += (f"factors estimated from {self.samples} random-sign pullback(s) per "
+                      "example (unbiased), not the exact expectation",)
+        return notes
+
     def _details(self) -> dict[str, float]:
-        return {"layers": len(self.blocks_), "refine": self.refine,
-                "fallback_parameters": int(self.fallback_.numel())}
+        details = {"layers": len(self.blocks_), "refine": self.refine,
+                   "fallback_parameters": int(self.fallback_.numel())}
+        if self.samples is not None:  # else the exact expectation
+            details["samples"] = self.samples
+        return details
 
 
 def _describe_decay(decay: float | Tensor) -> str:
