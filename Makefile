@@ -40,6 +40,9 @@ bench: $(BENCH_VENV)/.installed-stamp
 	$(BENCH_VENV)/bin/python benchmarks/kronecker_refinement.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/distributed_throughput.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/distributed_throughput.py --out $(BENCH_OUT) --train-size 10000
+	$(BENCH_VENV)/bin/python benchmarks/epoch_budget.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/large_model.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/scaling_store.py --out $(BENCH_OUT) --exact-max 30000
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) outputs .pytest_cache .ruff_cache

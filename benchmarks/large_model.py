@@ -13,8 +13,9 @@ resident memory (VmHWM) is its own:
 - ``plan``: what ``inf.plan(m)`` predicted, for the record.
 
 It writes ``large_model.json`` with times, peaks, the budget, the store sizes, the distortion
-the projection reported, and the Pearson R of the projected scores against the exact ones (per
-query and over the whole matrix).
+the projection reported, the Pearson R of the projected scores against the exact ones (per
+query and over the whole matrix), and the share of the exact top-10 and top-50 training points
+(largest and smallest) that the projected scores also put there.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def main() -> None:
         return float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]).double())[0, 1])
 
     rows = [pearson(a, b) for a, b in zip(projected, exact, strict=True)]
+
+    def overlap(k: int, largest: bool) -> float:
+        """Mean share of the exact top-k training points also in the projected top-k."""
+        ours = projected.topk(k, dim=1, largest=largest).indices.tolist()
+        truth = exact.topk(k, dim=1, largest=largest).indices.tolist()
+        return sum(len(set(a) & set(b)) / k for a, b in zip(ours, truth, strict=True)) / len(truth)
+
     record = {
         "benchmark": "large_model", "date": time.strftime("%Y-%m-%d"),
         "machine": {"processor": platform.processor() or platform.machine(),
@@ -123,6 +131,8 @@ def main() -> None:
         "runs": runs,
         "pearson_all": pearson(projected, exact),
         "pearson_per_query_min": min(rows), "pearson_per_query_mean": sum(rows) / len(rows),
+        "top_k_overlap": {f"{side} {k}": overlap(k, side == "largest")
+                          for k in (10, 50) for side in ("largest", "smallest")},
     }
     (Path(args.out) / "large_model.json").write_text(json.dumps(record, indent=2, default=str))
     print(runs["plan"]["plan"])
@@ -134,6 +144,7 @@ def main() -> None:
           f"{runs['projected']['store_megabytes']:.0f} MB; Pearson R against exact: "
           f"{record['pearson_all']:.3f} (all), {record['pearson_per_query_min']:.3f} (worst "
           "query)")
+    print(f"top-k overlap with exact: {record['top_k_overlap']}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ plan made from one forward pass."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -58,3 +60,26 @@ def test_the_plan_costs_one_forward_of_one_example(mlp: Problem) -> None:
         assert stage in text
     assert plan.sizes.budget == 64 * 10**6 and plan.parameters == mlp.theta().numel()
     assert all(peak > 0 for _, peak, _, _ in plan.stages)
+
+
+def test_queries_beyond_half_the_budget_take_several_passes_and_a_store_refuses_them(
+        tmp_path: Path) -> None:
+    """12,003 float64 parameters: 96 kB per solved query, so a 1.1 MB budget holds 5 of 6."""
+    X, y = _classification_data(46, 4, 3, seed=1)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 1500), nn.Tanh(), nn.Linear(1500, 3)).double()
+    objective = ik.CrossEntropyObjective(weight_decay=0.01)
+    train, test = (X[:40], y[:40]), (X[40:], y[40:])
+    options = {"damping": 0.01, "solver": "ekfac", "stationarity_tol": None,
+               "curvature": "gauss-newton"}
+    free = ik.Influence(model, objective, train, **options).fit()
+    tight = ik.Influence(model, objective, train, max_memory="1.1MB", **options).fit()
+    held = tight.queries_held()
+    assert held == 5
+    assert relative_error(tight.influence(test), free.influence(test)) < 1e-10
+    with pytest.raises(ik.InvalidSettingError, match="groups of at most 5"):
+        tight.score(test, out=tmp_path / "six")
+    assert not (tmp_path / "six").exists()  # refused before anything was written
+    store = tight.score((X[40:42], y[40:42]), out=tmp_path / "two", top_k=3)
+    torch.testing.assert_close(torch.from_numpy(store.to_numpy()),
+                               free.loo_change((X[40:42], y[40:42])), rtol=1e-10, atol=1e-14)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import grad
 from tqdm.auto import tqdm
 
-from . import arguments, cache, distributed, memory, stationarity
+from . import arguments, cache, distributed, layers, memory, stationarity
 from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, HVPMode
 from .damping import DampingChoice, choose_damping
 from .data import BatchFn, ExampleSet, check_compatible, check_finite, raise_if_flagged
@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 #: training points whose gradients set the scale of the stationarity check
 STATIONARITY_SAMPLE = 256
+#: training points on which the layer structure is checked against autograd
+INDIRECT_SAMPLE = 4
 
 
 @dataclass
@@ -208,6 +210,7 @@ class Influence:
         self.tracked_ = tracked  # the batches below need its dtype and device
         with evaluation_mode(self.model):
             gradient = self._check_training_data(gradients, theta)
+            tracked.indirect_layers = frozenset(self._indirect_layers(tracked, theta))
             self.stationarity_ = self._stationarity(gradients, theta, gradient)
             operator = HessianOperator(gradients, self.train_data, theta,
                                        0.0 if self.damping == "auto" else self.damping,
@@ -224,6 +227,20 @@ class Influence:
             self.damping_,
         )
         return self
+
+    def _indirect_layers(self, tracked: TrackedParameters, theta: Tensor) -> list[str]:
+        """Linear/Conv2d layers whose weights the model uses without calling them, found on
+        the first few training examples (:func:`influencekit.layers.indirect_layers`)."""
+        rows = list(range(min(len(self.train_data), INDIRECT_SAMPLE)))
+        X, y = self.train_data.take(rows, self._device(), self._dtype())
+        found = layers.indirect_layers(tracked, theta, X,
+                                       lambda outputs: self.objective.train_loss(outputs,
+                                                                                 y).sum())
+        if found:
+            logger.info("Layers %s use their weights without being called as modules (e.g. "
+                        "nn.MultiheadAttention's out_proj): layer-structured methods treat them "
+                        "as other parameters.", ", ".join(found))
+        return found
 
     def _size_for_budget(self) -> None:
         """Chunk, product and query-group sizes for ``max_memory`` (measured, one forward)."""
@@ -550,23 +567,46 @@ class Influence:
         """I_up,loss of every training point on every test point, ``(m, n)``.
 
         I[j, i] = −∇_θ L_test(z_j)ᵀ (C + λ_d·I)⁻¹ ∇_θ L(z_i). All test points share one block
-        solve and one pass over the training data; with ``max_memory`` they go in groups that
-        fit (one solve and one pass per group).
+        solve and one pass over the training data. With ``max_memory`` the solve goes in groups
+        of ``sizes_.query_group``; if the m solved queries (m × p) would take more than half the
+        budget, so do the passes over the data (one per group that fits).
         """
         self._require_fitted()
-        group = self.sizes_.query_group if self.sizes_ is not None else None
         data = self._test_set(test)
-        if group is None or len(data) <= group:
-            S = self.solve(self.test_gradients(data))
-            return -self._dot_train_gradients(S, "scoring training points")
+        held = self.queries_held()
+        if held is None or len(data) <= held:
+            return -self._dot_train_gradients(self._solved(data), "scoring training points")
         parts, reports = [], []
-        for start in range(0, len(data), group):
-            chosen = data.take(list(range(start, min(start + group, len(data)))))
-            S = self.solve(self.test_gradients(chosen))
+        for start in range(0, len(data), held):
+            chosen = data.take(list(range(start, min(start + held, len(data)))))
+            S = self._solved(self._test_set(chosen))
             reports.append(self.solver.last_report)
             parts.append(-self._dot_train_gradients(S, "scoring training points"))
         self.solver.last_report = combine_reports(reports)
         return torch.cat(parts)
+
+    def queries_held(self) -> int | None:
+        """How many solved queries (p numbers each) fit in half of ``max_memory`` (``None``:
+        no budget)."""
+        if self.sizes_ is None:
+            return None
+        return max(1, self.sizes_.budget // 2 // self.sizes_.parameter_bytes)
+
+    def _solved(self, data: ExampleSet) -> Tensor:
+        """S = A⁻¹ ∇_θ L_test, ``(m, p)``, solved ``sizes_.query_group`` queries at a time under
+        ``max_memory`` (their reports combined), else all together."""
+        group = self.sizes_.query_group if self.sizes_ is not None else None
+        if group is None or len(data) <= group:
+            return self.solve(self.test_gradients(data))
+        S = torch.empty(len(data), self.tracked_.dim, dtype=self._dtype(), device=self._device())
+        reports = []
+        for start in range(0, len(data), group):
+            rows = slice(start, min(start + group, len(data)))
+            S[rows] = self.solve(self.test_gradients(data.take(list(range(rows.start,
+                                                                          rows.stop)))))
+            reports.append(self.solver.last_report)
+        self.solver.last_report = combine_reports(reports)
+        return S
 
     def _dot_train_gradients(self, S: Tensor, description: str,
                              rows: slice | None = None) -> Tensor:

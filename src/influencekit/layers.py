@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .inputs import Inputs
 from .parameters import TrackedParameters
 
 
@@ -56,13 +57,14 @@ def supported(module: nn.Module) -> bool:
 def find_blocks(tracked: TrackedParameters, block_type: type[LayerBlock] = LayerBlock
                 ) -> tuple[list[LayerBlock], Tensor]:
     """The supported layers whose weight is tracked (a bias is folded in if tracked too), and
-    the θ indices of every other tracked parameter, ``(r,)``."""
+    the θ indices of every other tracked parameter, ``(r,)``. Layers in
+    ``tracked.indirect_layers`` (see :func:`indirect_layers`) count as other parameters."""
     where = offsets(tracked.names, tracked.numels)
     blocks, covered = [], set()
     for prefix, module in tracked.model.named_modules():
         name_w = f"{prefix}.weight" if prefix else "weight"
         name_b = f"{prefix}.bias" if prefix else "bias"
-        if not supported(module) or name_w not in where:
+        if not supported(module) or name_w not in where or prefix in tracked.indirect_layers:
             continue
         bias = where.get(name_b) if module.bias is not None else None
         in_features = module.weight[0].numel() + (1 if bias is not None else 0)
@@ -162,6 +164,41 @@ def layer_signals(tracked: TrackedParameters, theta: Tensor, X: Tensor,
         signals.append((activations(block), torch.cat(parts, dim=2)))
         block.captured.clear()
     return outputs.detach(), signals
+
+
+def indirect_layers(tracked: TrackedParameters, theta: Tensor, X: Inputs,
+                    loss: Callable[[Tensor], Tensor]) -> list[str]:
+    """The supported layers whose captured inputs and output gradients do not give autograd's
+    gradient of their weights, Σ_{i,t} s_it a_itᵀ ≠ ∂loss/∂W, on the batch X.
+
+    That happens when the forward pass uses a layer's weight without calling the layer (as
+    ``nn.MultiheadAttention`` does with its ``out_proj``, through ``F.linear`` on the weight),
+    or uses it both ways. Layer-structured methods (K-FAC's factors, layer scoring, Kronecker
+    projections) would silently miss those uses, so such layers are treated like any other
+    parameter. ``loss(outputs)`` is the summed training loss of the batch (a scalar).
+    """
+    blocks, _ = find_blocks(tracked)
+    if not blocks:
+        return []
+
+    def summed(outputs: Tensor) -> tuple[Tensor, None]:
+        return loss(outputs), None
+
+    signals = layer_signals(tracked, theta, X, blocks, summed)[1]
+    theta = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        true, = torch.autograd.grad(loss(tracked.forward(theta, X)), theta)
+    tolerance = 1e-8 if theta.dtype == torch.float64 else 1e-3
+    found = []
+    for block, (a, s) in zip(blocks, signals, strict=True):
+        G = torch.einsum("bto,bti->oi", s[0], a)  # (out, in), bias column last
+        expected = true[block.weight].reshape(block.out_features, -1)
+        if block.bias is not None:
+            expected = torch.cat([expected, true[block.bias][:, None]], dim=1)
+        scale = float(expected.norm()) + float(G.norm())
+        if float((G - expected).norm()) > tolerance * max(scale, 1e-30):
+            found.append(block.name)
+    return found
 
 
 def weight_matrix(block: LayerBlock, V: Tensor) -> Tensor:

@@ -39,6 +39,8 @@ from .inputs import rows_of
 #: the most bytes of per-example gradients formed at once where they are kept only briefly
 #: (the stationarity sample, test gradients)
 GRADIENT_CHUNK_BYTES = 256 * 2**20
+#: the default shard of a gradient store (store/gradients.py) holds at most this many bytes
+SHARD_BYTES = 256 * 2**20
 
 if TYPE_CHECKING:
     from .influence import Influence
@@ -208,7 +210,13 @@ def plan(influence: Influence, num_test: int, sizes: Sizes | None,
     else:
         report.stages.append((f"solve: {solver}", int(3 * block), "0", "no pass"))
     scoring = "per-example gradients" if influence.scoring == "gradients" else "layers"
-    score_memory = chunk_pass + num_test * chunk * 4 + (chunk * p if scoring != "layers" else 0)
-    report.stages.append((f"scores: {num_test} × {n}", int(score_memory + block), "1",
-                          f"via {scoring}; the (m, n) result {_show(num_test * n * 4)}"))
+    held = min(num_test, max(1, sizes.budget // 2 // p) if sizes else num_test)
+    score_memory = chunk_pass + held * chunk * 4 + (chunk * p if scoring != "layers" else 0)
+    report.stages.append((f"scores: {num_test} × {n}", int(score_memory + held * p),
+                          str(math.ceil(num_test / held)),
+                          f"via {scoring}, {held} solved queries held; the (m, n) result "
+                          f"{_show(num_test * n * 4)}"))
+    report.stages.append(("index: a gradient store (if used)",
+                          int(chunk * p + chunk_pass + SHARD_BYTES), "1",
+                          "a chunk's per-example gradients, then projected; shards ≤ 256 MiB"))
     return report

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import DtypeError, UnknownParameterError
 from .inputs import Inputs, call_arguments
@@ -89,6 +90,9 @@ class TrackedParameters:
         self.device = tracked[0].device
         tracked_names = set(self.names)
         self._constants = {n: p.detach() for n, p in named.items() if n not in tracked_names}
+        #: Linear/Conv2d modules whose weights the forward pass uses without calling the module
+        #: (e.g. nn.MultiheadAttention's out_proj); found at fit by layers.indirect_layers
+        self.indirect_layers: frozenset[str] = frozenset()
 
     def all_names(self) -> list[str]:
         """Every parameter name of the model, tracked or not."""
@@ -123,7 +127,8 @@ class TrackedParameters:
         """The model's output with the tracked parameters given by name (see :meth:`unflatten`);
         ``inputs`` a tensor, or a dict (``model(**inputs)``) or tuple (``model(*inputs)``)."""
         args, kwargs = call_arguments(inputs)
-        return functional_call(self.model, {**self._constants, **parts}, args, kwargs)
+        with differentiable_attention():
+            return functional_call(self.model, {**self._constants, **parts}, args, kwargs)
 
     @torch.no_grad()
     def assign(self, theta: Tensor) -> None:
@@ -131,6 +136,26 @@ class TrackedParameters:
         named = dict(self.model.named_parameters())
         for n, value in self.unflatten(theta.detach()).items():
             named[n].copy_(value)
+
+
+@contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Attention that torch.func can differentiate twice and in forward mode, for the block.
+
+    ``scaled_dot_product_attention`` runs its math kernel: the fused (flash, memory-efficient)
+    kernels have no second derivative, which Hessian-vector products need. The fused fast path
+    of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` in eval mode is switched
+    off: it supports neither forward-mode derivatives nor functorch's transforms (it is chosen
+    when no input requires grad, which is how parameters look inside those transforms). The
+    global fast-path flag is restored on exit.
+    """
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 @contextmanager

@@ -244,8 +244,9 @@ class LiSSA(Solver):
                 f"LiSSA's relative residual is {residual:.3g} (> tol={self.tol}) after depth="
                 f"{self.depth}, repeats={R}, batch_size={b}, scale={scale:.4g}. Increase depth "
                 "(slow convergence: the damped curvature has small eigenvalues relative to "
-                "scale), or batch_size/repeats (noise), add damping, or use a preconditioner "
-                "(preconditioner='ekfac').",
+                "scale), or batch_size/repeats (noise), add damping"
+                + (", or use a preconditioner (preconditioner='ekfac')."
+                   if self.preconditioner is None else "."),
                 ConvergenceWarning, stacklevel=3,
             )
         return X

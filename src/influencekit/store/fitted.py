@@ -87,6 +87,7 @@ def save(influence: Influence, folder: Path, data_id: str | None = None) -> Path
                          "sample": check.sample, "tol": check.tol},
         "train_gradient_norm": influence.train_gradient_norm_,
         "tracked": influence.tracked_.names, "dtype": str(influence.theta_.dtype),
+        "indirect_layers": sorted(influence.tracked_.indirect_layers),
         "num_train": influence.num_train_,
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype)}
                     for name, t in tensors.items()},
@@ -141,6 +142,7 @@ def load(folder: Path, model: nn.Module, objective: Objective, train: Any,
                           progress=progress, batch_fn=batch_fn, **settings)
     influence._size_for_budget()  # with max_memory: one forward of one example
     tracked = TrackedParameters(model, influence.params)
+    tracked.indirect_layers = frozenset(manifest.get("indirect_layers", []))
     theta = tracked.flat()
     gradients = GradientComputer(tracked, objective, influence.vectorize)
     now = cache.fingerprint(tracked, theta, objective, gradients.decay, influence.train_data,

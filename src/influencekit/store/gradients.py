@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import arguments, cache, distributed
 from ..errors import CacheMismatchError, InputTypeError
 from ..layers import find_blocks, layer_signals, weight_matrix
+from ..memory import SHARD_BYTES
 from ..parameters import evaluation_mode
 from ..projection import KroneckerProjection, RandomProjection, measure_distortion
 from ..version import __version__
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
 FORMAT = "influencekit-gradient-store"
 VERSION = 1
 DISTORTION_SAMPLE = 64
-#: the default shard holds at most this many bytes (and at most 16 chunks of examples)
-SHARD_BYTES = 256 * 2**20
 Projection = RandomProjection | KroneckerProjection
 
 

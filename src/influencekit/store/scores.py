@@ -104,6 +104,7 @@ def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_cha
             raise InvalidSettingError(f"kind={kind!r} needs test points; test=None is only for "
                                       "kind='self_influence'.")
         queries = influence._test_set(test)
+        _check_held(influence, len(queries))
     elif test is not None:
         raise InvalidSettingError("kind='self_influence' scores the training points against "
                                   "themselves; pass test=None.")
@@ -140,13 +141,26 @@ def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_cha
     return ScoreStore(out)
 
 
+def _check_held(influence: Influence, m: int) -> None:
+    """Refuse, before anything is written, m solved queries that ``max_memory`` cannot hold."""
+    held = influence.queries_held()
+    if held is not None and m > held:
+        sizes = influence.sizes_
+        raise InvalidSettingError(
+            f"A score store holds its {m} solved queries while it scores: {m} × "
+            f"{sizes.parameter_bytes:,} bytes = {m * sizes.parameter_bytes / 1e9:.2f} GB, more "
+            f"than half of max_memory ({sizes.budget / 1e9:.2f} GB) allows ({held} queries). "
+            f"Score them in groups of at most {held}, each into its own store "
+            "(out=f'.../scores-{i}'), or raise max_memory.")
+
+
 def _queries(influence: Influence, test: Any, folder: ShardFolder) -> Tensor:
     """S = A⁻¹ ∇_θ L_test, from the store if a previous run committed it (the solve is
     collective under torch.distributed; process 0 commits it)."""
     if folder.record("queries") is not None:
         S = torch.from_numpy(np.array(folder.read("queries")))
         return S.to(influence._device())
-    S = influence.solve(influence.test_gradients(test))
+    S = influence._solved(influence._test_set(test))
     if distributed.rank() == 0:
         folder.write("queries", S.detach().cpu().numpy())
     distributed.barrier()
