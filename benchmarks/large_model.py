@@ -152,7 +152,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--mode", default="main")
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--queries", type=int, default=10)
+    parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.mode == "main":

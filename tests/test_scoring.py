@@ -136,3 +136,6 @@ def test_randomized_truncation_reports_the_exact_error_of_what_it_uses() -> None
     torch.testing.assert_close(claimed, actual, rtol=1e-8, atol=1e-10)
     optimal = torch.linalg.svdvals(Q)[:, 8:].pow(2).sum(1).sqrt()
     assert bool((actual <= optimal * 1.01).all()) and bool((actual >= optimal * (1 - 1e-9)).all())
+    alone = leading_singular_triplets(Q[1:2], 8, first=1)  # Ω depends on the query alone
+    for together, single in zip((U, sigma, Vh), alone, strict=True):
+        torch.testing.assert_close(together[1:2], single, rtol=1e-12, atol=1e-12)

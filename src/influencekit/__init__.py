@@ -32,6 +32,7 @@ from .errors import (
 from .influence import Influence, TopK
 from .objective import (
     BinaryLogisticObjective,
+    CausalLMObjective,
     CrossEntropyObjective,
     MSEObjective,
     Objective,
@@ -49,6 +50,7 @@ __all__ = [
     "Arnoldi",
     "BinaryLogisticObjective",
     "CacheMismatchError",
+    "CausalLMObjective",
     "ConvergenceWarning",
     "CrossEntropyObjective",
     "Deflated",

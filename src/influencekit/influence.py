@@ -247,9 +247,9 @@ class Influence:
         if self.max_memory is None:
             return
         _, parameter_bytes, activations, outputs = self._measure()
-        self.sizes_ = memory.sizes_for(self.max_memory, parameter_bytes, activations, outputs,
-                                       self._requested_chunk_size, self.solver.name,
-                                       getattr(self.solver, "samples", None))
+        self.sizes_ = memory.sizes_for(self.max_memory, parameter_bytes, activations,
+                                       memory.kronecker_pullbacks(self.solver, outputs),
+                                       self._requested_chunk_size, self.solver.name)
         self.chunk_size = self.sizes_.chunk_size
         logger.info("max_memory %d bytes: chunk_size %d, max_vectors %d, %d queries at a time.",
                     self.max_memory, self.chunk_size, self.sizes_.max_vectors,
@@ -455,6 +455,11 @@ class Influence:
 
     def test_gradients(self, test: Any) -> Tensor:
         """``(m, p)`` gradients of the test measurement at each test point (no regulariser)."""
+        return self._test_gradients(test)
+
+    def _test_gradients(self, test: Any, offset: int = 0) -> Tensor:
+        """:meth:`test_gradients`; ``offset``: where these test points start in the caller's
+        test set (errors name the caller's indices)."""
         self._require_fitted()
         data = self._test_set(test)
         out = torch.empty(len(data), self.tracked_.dim, dtype=self._dtype(),
@@ -462,11 +467,14 @@ class Influence:
         step = gradient_chunk(self.chunk_size, self.theta_)
         with evaluation_mode(self.model):
             for idx, X, y in self._batches(data, "test gradients"):
-                self._check_batch(self.gradients_, self.theta_, idx, X, y, data, test=True)
+                self._check_batch(self.gradients_, self.theta_,
+                                  slice(offset + idx.start, offset + idx.stop), X, y, data,
+                                  test=True)
                 for part in _slices(len(y), step):
                     rows = slice(idx.start + part.start, idx.start + part.stop)
+                    shown = slice(offset + rows.start, offset + rows.stop)
                     out[rows] = _finite(self.gradients_.test(self.theta_, rows_of(X, part),
-                                                             y[part]), rows, "test")
+                                                             y[part]), shown, "test")
         return out
 
     def train_gradients(self, indices: Tensor | Sequence[int] | None = None) -> Tensor:
@@ -568,8 +576,8 @@ class Influence:
 
         I[j, i] = −∇_θ L_test(z_j)ᵀ (C + λ_d·I)⁻¹ ∇_θ L(z_i). All test points share one block
         solve and one pass over the training data. With ``max_memory`` the solve goes in groups
-        of ``sizes_.query_group``; if the m solved queries (m × p) would take more than half the
-        budget, so do the passes over the data (one per group that fits).
+        of ``sizes_.query_group``; if more solved queries than :meth:`queries_held` are asked
+        for, so do the passes over the data (one per group that fits).
         """
         self._require_fitted()
         data = self._test_set(test)
@@ -579,31 +587,33 @@ class Influence:
         parts, reports = [], []
         for start in range(0, len(data), held):
             chosen = data.take(list(range(start, min(start + held, len(data)))))
-            S = self._solved(self._test_set(chosen))
+            S = self._solved(self._test_set(chosen), offset=start)
             reports.append(self.solver.last_report)
             parts.append(-self._dot_train_gradients(S, "scoring training points"))
         self.solver.last_report = combine_reports(reports)
         return torch.cat(parts)
 
     def queries_held(self) -> int | None:
-        """How many solved queries (p numbers each) fit in half of ``max_memory`` (``None``:
-        no budget)."""
+        """How many solved queries fit in ``max_memory`` while the data is scored (a quarter
+        of it, 2p numbers each: see :func:`influencekit.memory.queries_held`; ``None``: no
+        budget)."""
         if self.sizes_ is None:
             return None
-        return max(1, self.sizes_.budget // 2 // self.sizes_.parameter_bytes)
+        return memory.queries_held(self.sizes_)
 
-    def _solved(self, data: ExampleSet) -> Tensor:
+    def _solved(self, data: ExampleSet, offset: int = 0) -> Tensor:
         """S = A⁻¹ ∇_θ L_test, ``(m, p)``, solved ``sizes_.query_group`` queries at a time under
-        ``max_memory`` (their reports combined), else all together."""
+        ``max_memory`` (their reports combined), else all together. ``offset``: where ``data``
+        starts in the caller's test set."""
         group = self.sizes_.query_group if self.sizes_ is not None else None
         if group is None or len(data) <= group:
-            return self.solve(self.test_gradients(data))
+            return self.solve(self._test_gradients(data, offset))
         S = torch.empty(len(data), self.tracked_.dim, dtype=self._dtype(), device=self._device())
         reports = []
         for start in range(0, len(data), group):
             rows = slice(start, min(start + group, len(data)))
-            S[rows] = self.solve(self.test_gradients(data.take(list(range(rows.start,
-                                                                          rows.stop)))))
+            chosen = data.take(list(range(rows.start, rows.stop)))
+            S[rows] = self.solve(self._test_gradients(chosen, offset + rows.start))
             reports.append(self.solver.last_report)
         self.solver.last_report = combine_reports(reports)
         return S
@@ -781,11 +791,18 @@ def _check_model(model: nn.Module, tracked_names: list[str]) -> None:
             "model.double() for exactness checks — before Influence; half-precision solves "
             "are not supported (their eigendecompositions and residuals are round-off).")
     for name, tensor in state:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            continue
+        if name in named and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(
-                f"The model's {'parameter' if name in named else 'buffer'} {name!r} holds NaN "
-                "or infinite values; influence of a model with non-finite weights is undefined. "
-                "Check the training run that produced it.")
+                f"The model's parameter {name!r} holds NaN or infinite values; influence of a "
+                "model with non-finite weights is undefined. Check the training run that "
+                "produced it.")
+        if name not in named and bool((torch.isnan(tensor) | (tensor == math.inf)).any()):
+            raise NonFiniteError(  # −inf is allowed in buffers: attention masks use it
+                f"The model's buffer {name!r} holds NaN or +inf values; influence of a model "
+                "with such state is undefined. Check the training run that produced it (−inf "
+                "is allowed in buffers, as attention masks use it).")
 
 
 def _describe_decay(objective: Objective) -> str:

@@ -10,7 +10,9 @@
   and backward activations fit in another quarter;
 - ``query_group``: right-hand sides solved together. Block CG keeps about six (k × p) blocks
   (solution, residual, directions, their products, the preconditioned residual, a work block),
-  LiSSA about four; the group must leave half the budget to the rest.
+  LiSSA about four, in a quarter of the budget;
+- the solved queries held while the training data is scored (:func:`queries_held`): p numbers
+  each and a per-layer copy for layer scoring, in the last quarter.
 
 The activations of one example are measured, not guessed: one forward pass of one training
 example with hooks that add up the bytes of every module's output (what autograd keeps for the
@@ -158,18 +160,42 @@ def measure(influence: Influence) -> tuple[int, int, int, int]:
     return tracked.dim, tracked.dim * element, max(activations, 1), max(outputs[0], 1)
 
 
-def sizes_for(budget: int, parameter_bytes: int, activations: int, outputs: int,
-              chunk_size: int, solver: str, samples: int | None = None) -> Sizes:
-    """The sizes that keep each stage within ``budget`` (see the module docstring);
-    ``samples``: a Kronecker solver's random-sign pullbacks per example (``None``: one per
-    output)."""
-    pullbacks = (samples or outputs) if solver in ("kfac", "ekfac", "deflated") else 1
+def _kronecker_part(solver: Any) -> Any:
+    """The K-FAC solver (or its name) that ``solver`` is, or uses as preconditioner or base."""
+    from .solvers.kfac import KFAC
+
+    for part in (solver, getattr(solver, "preconditioner", None), getattr(solver, "base", None)):
+        if isinstance(part, KFAC) or part in ("kfac", "ekfac"):
+            return part
+    return None
+
+
+def kronecker_pullbacks(solver: Any, outputs: int) -> int:
+    """Vectors pulled back per example by the K-FAC passes of ``solver``, its preconditioner or
+    its base (``samples`` if set, else one per model output), or 1 without K-FAC."""
+    part = _kronecker_part(solver)
+    if part is None:
+        return 1
+    return getattr(part, "samples", None) or outputs
+
+
+def sizes_for(budget: int, parameter_bytes: int, activations: int, pullbacks: int,
+              chunk_size: int, solver: str) -> Sizes:
+    """The sizes that keep each stage within ``budget`` (see the module docstring): a quarter
+    each for a chunk, the curvature-vector products, a group of queries being solved, and the
+    solved queries held while scoring. ``pullbacks``: :func:`kronecker_pullbacks`."""
     per_example = activations * (1 + BACKWARD_FACTOR * pullbacks) + parameter_bytes
     chunk = max(1, min(chunk_size, int(budget / 4 // per_example)))
     vectors = max(1, int(budget / 4 // max(1.0, chunk * activations * PRODUCT_FACTOR)))
     blocks = CG_BLOCKS if solver in ("cg", "deflated") else LISSA_BLOCKS
-    group = max(1, int(budget / 2 // (blocks * parameter_bytes)))
+    group = max(1, int(budget / 4 // (blocks * parameter_bytes)))
     return Sizes(budget, parameter_bytes, activations, chunk, min(vectors, 128), group)
+
+
+def queries_held(sizes: Sizes) -> int:
+    """Solved queries that fit in a quarter of the budget while the training data is scored:
+    each costs p numbers, and layer scoring keeps a per-layer copy (2p in all)."""
+    return max(1, sizes.budget // 4 // (2 * sizes.parameter_bytes))
 
 
 def plan(influence: Influence, num_test: int, sizes: Sizes | None,
@@ -190,15 +216,14 @@ def plan(influence: Influence, num_test: int, sizes: Sizes | None,
     sampled = max(1, min(chunk, GRADIENT_CHUNK_BYTES // p))
     report.stages.append(("fit: stationarity sample", int(sampled * p + chunk_pass), "0",
                           f"≤ 256 per-example gradients, {sampled} at a time"))
-    if solver in ("KFAC", "EKFAC"):
-        refine = getattr(influence.solver, "refine", 1)
-        passes = 1 + refine + (1 if solver == "EKFAC" else 0)
-        samples = getattr(influence.solver, "samples", None)
-        pulled = chunk * activations * (1 + BACKWARD_FACTOR * (samples or outputs))
+    kronecker = _kronecker_part(influence.solver)  # the solver, its preconditioner or base
+    if kronecker is not None:
+        pullbacks = kronecker_pullbacks(influence.solver, outputs)
+        samples = getattr(kronecker, "samples", None)
+        pulled = chunk * activations * (1 + BACKWARD_FACTOR * pullbacks)
         how = ("exact expectation: one pullback per output" if samples is None
                else f"{samples} random-sign pullback(s) per example")
-        report.stages.append((f"fit: {solver} factors", int(pulled + 2 * p),
-                              str(passes), how))
+        report.stages.append(("fit: K-FAC factors", int(pulled + 2 * p), "2–3", how))
     products = min(group, num_test)
     block = products * p
     if solver in ("CG", "LiSSA", "Deflated", "Direct", "Arnoldi"):
@@ -210,9 +235,9 @@ def plan(influence: Influence, num_test: int, sizes: Sizes | None,
     else:
         report.stages.append((f"solve: {solver}", int(3 * block), "0", "no pass"))
     scoring = "per-example gradients" if influence.scoring == "gradients" else "layers"
-    held = min(num_test, max(1, sizes.budget // 2 // p) if sizes else num_test)
+    held = min(num_test, queries_held(sizes) if sizes else num_test)
     score_memory = chunk_pass + held * chunk * 4 + (chunk * p if scoring != "layers" else 0)
-    report.stages.append((f"scores: {num_test} × {n}", int(score_memory + held * p),
+    report.stages.append((f"scores: {num_test} × {n}", int(score_memory + 2 * held * p),
                           str(math.ceil(num_test / held)),
                           f"via {scoring}, {held} solved queries held; the (m, n) result "
                           f"{_show(num_test * n * 4)}"))

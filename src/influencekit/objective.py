@@ -381,3 +381,79 @@ class MSEObjective(Objective):
             targets.is_floating_point() or not targets.is_complex(),
             f"{name} expects real-valued targets, got dtype {targets.dtype}.",
         )
+
+
+class CausalLMObjective(Objective):
+    """Next-token cross-entropy of a causal language model, summed over a sequence's tokens.
+
+    ℓ(f(x), y) = Σ_t −log softmax(f(x)_t)[y_{t+1}] over the positions t whose next token
+    y_{t+1} is not ``ignore_index`` (with ``shift=False``: Σ_t −log softmax(f(x)_t)[y_t], for
+    labels already aligned with the logits). Summed, not averaged, over tokens, as in Grosse et
+    al. (2023) and kronfluence: a sequence's loss grows with its counted tokens.
+
+    Shapes: outputs ``(b, T, V)`` logits, targets ``(b, T)`` token ids of any integer dtype
+    (Hugging Face's ``labels``: usually the input ids, with padding set to ``-100``).
+
+    Args:
+        ignore_index: the target value of positions that do not count: padding, and for a test
+            measurement the prompt, so that the loss is −log p(completion | prompt).
+        shift: whether the logits at t predict the target at t + 1 (the usual convention,
+            ``labels = input_ids``); ``False`` when the targets are already shifted.
+        test_measurement: ``"loss"`` (default): the test measurement is ℓ over the counted
+            tokens; ``"log_prob"``: it is −ℓ, the log-probability of the counted tokens given
+            what precedes them. Every score is then about that measurement: with
+            ``"log_prob"`` a positive ``loo_change`` means that removing the training sequence
+            would raise the log-probability.
+        weight_decay: see :class:`Objective`.
+    """
+
+    convex_in_output = True
+
+    def __init__(self, ignore_index: int = -100, shift: bool = True,
+                 test_measurement: str = "loss", weight_decay: WeightDecay = 0.0) -> None:
+        super().__init__(weight_decay)
+        self.ignore_index = arguments.integer("ignore_index", ignore_index)
+        self.shift = arguments.flag("shift", shift)
+        self.test_measurement = arguments.choice("test_measurement", test_measurement,
+                                                 ("loss", "log_prob"))
+
+    def _aligned(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.shift:
+            return outputs[:, :-1], targets[:, 1:]
+        return outputs, targets
+
+    def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits, labels = self._aligned(outputs, targets.long())
+        counted = labels != self.ignore_index
+        safe = torch.where(counted, labels, torch.zeros_like(labels))
+        tokens = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (b, T')
+        return (tokens * counted.to(tokens.dtype)).sum(dim=1)
+
+    def test_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        loss = self.train_loss(outputs, targets)
+        return -loss if self.test_measurement == "log_prob" else loss
+
+    def check(self, outputs: Tensor, targets: Tensor) -> None:
+        name = "CausalLMObjective"
+        _check_batch(outputs, targets, name)
+        _require(outputs.ndim == 3,
+                 f"{name} expects logits of shape (batch, sequence, vocabulary), got model "
+                 f"output shape {tuple(outputs.shape)}. A Hugging Face model returns an object: "
+                 "wrap it so that forward returns its .logits.")
+        _require(_is_integer(targets) and targets.ndim == 2,
+                 f"{name} expects integer token ids of shape (batch, sequence); got targets of "
+                 f"dtype {targets.dtype} and shape {tuple(targets.shape)}.")
+        _require(tuple(targets.shape) == tuple(outputs.shape[:2]),
+                 f"{name}: targets {tuple(targets.shape)} must match the logits' (batch, "
+                 f"sequence) {tuple(outputs.shape[:2])}; pad both to the same length and set the "
+                 f"padded targets to ignore_index={self.ignore_index}.")
+        _require(not self.shift or outputs.shape[1] >= 2,
+                 f"{name} with shift=True needs sequences of at least 2 tokens, got "
+                 f"{outputs.shape[1]}.")
+        vocabulary = outputs.shape[2]
+        counted = targets != self.ignore_index
+        valid = (targets >= 0) & (targets < vocabulary)
+        _require(bool((valid | ~counted).all()),
+                 f"{name}: token ids must lie in [0, {vocabulary}) for a vocabulary of "
+                 f"{vocabulary}, or equal ignore_index={self.ignore_index}; got values from "
+                 f"{int(targets.min())} to {int(targets.max())}.")

@@ -67,7 +67,7 @@ OVERSAMPLING, POWER_ITERATIONS = 10, 2
 TRUNCATION_BYTES = 64 * 2**20
 
 
-def leading_singular_triplets(Q: Tensor, rank: int, seed: int = 0
+def leading_singular_triplets(Q: Tensor, rank: int, seed: int = 0, first: int = 0
                               ) -> tuple[Tensor, Tensor, Tensor]:
     """The r leading singular triplets of each matrix of Q (m, out, in): U (m, out, r),
     σ (m, r), Vᴴ (m, r, in), with U σ Vᴴ = U Uᵀ Q.
@@ -76,14 +76,18 @@ def leading_singular_triplets(Q: Tensor, rank: int, seed: int = 0
     seeded Gaussian Ω of r + 10 columns, re-orthonormalised between products, then the SVD of
     the small Yᵀ Q. It costs O(out·in·(r + 10)) per product instead of a full SVD's
     O(out·in·min(out, in)); when r + 10 ≥ min(out, in) the range is exact and so is the SVD.
-    U Uᵀ Q is the approximation used, so ‖Q‖²_F − Σσ² is its exact squared error.
+    U Uᵀ Q is the approximation used, so ‖Q‖²_F − Σσ² is its exact squared error. Matrix j's Ω
+    is drawn from ``seed + first + j`` alone, so a query's truncation does not depend on which
+    other queries are truncated with it (``first``: the position of Q[0] among them).
     """
     m, rows, columns = Q.shape
     if rank + OVERSAMPLING >= min(rows, columns):
         U, sigma, Vh = torch.linalg.svd(Q, full_matrices=False)
         return U[:, :, :rank], sigma[:, :rank], Vh[:, :rank, :]
-    omega = torch.randn(m, columns, rank + OVERSAMPLING, dtype=Q.dtype, device=Q.device,
-                        generator=randomness.generator(seed, Q.device))
+    omega = torch.stack([
+        torch.randn(columns, rank + OVERSAMPLING, dtype=Q.dtype, device=Q.device,
+                    generator=randomness.generator(seed + first + j, Q.device))
+        for j in range(m)])
     basis = torch.linalg.qr(Q @ omega).Q
     for _ in range(POWER_ITERATIONS):
         basis = torch.linalg.qr(Q @ torch.linalg.qr(Q.transpose(1, 2) @ basis).Q).Q
@@ -128,7 +132,7 @@ class LayerScorer:
             if r >= min(Q.shape[1:]):
                 continue  # not smaller than the matrix: nothing to gain
             group = max(1, TRUNCATION_BYTES // (Q[0].numel() * 8))  # float64 queries at a time
-            parts = [leading_singular_triplets(Q[j:j + group].double(), r)
+            parts = [leading_singular_triplets(Q[j:j + group].double(), r, first=j)
                      for j in range(0, self.m, group)]
             U, sigma, Vh = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
             norms = torch.cat([Q[j:j + group].double().flatten(1).pow(2).sum(dim=1)

@@ -147,9 +147,10 @@ def _check_held(influence: Influence, m: int) -> None:
     if held is not None and m > held:
         sizes = influence.sizes_
         raise InvalidSettingError(
-            f"A score store holds its {m} solved queries while it scores: {m} × "
-            f"{sizes.parameter_bytes:,} bytes = {m * sizes.parameter_bytes / 1e9:.2f} GB, more "
-            f"than half of max_memory ({sizes.budget / 1e9:.2f} GB) allows ({held} queries). "
+            f"A score store holds its {m} solved queries while it scores, twice {m} × "
+            f"{sizes.parameter_bytes:,} bytes with layer scoring: "
+            f"{2 * m * sizes.parameter_bytes / 1e9:.2f} GB, more than the quarter of max_memory "
+            f"({sizes.budget / 1e9:.2f} GB) kept for them allows ({held} queries). "
             f"Score them in groups of at most {held}, each into its own store "
             "(out=f'.../scores-{i}'), or raise max_memory.")
 
