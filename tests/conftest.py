@@ -107,11 +107,18 @@ class Problem:
 
     def reference_influence(self, damping: float = 0.0) -> Tensor:
         """(m, n) I_up,loss from the dense Hessian and autograd gradients."""
-        H = self.dense_hessian(damping)
+        return self._influence_through(self.dense_hessian(damping))
+
+    def reference_gauss_newton_influence(self, damping: float = 0.0) -> Tensor:
+        """(m, n) I_up,loss from the dense damped Gauss-Newton matrix and autograd gradients."""
+        return self._influence_through(dense_gauss_newton(self, damping))
+
+    def _influence_through(self, A: Tensor) -> Tensor:
+        """−∇L_test A⁻¹ ∇L_trainᵀ, (m, n), with every gradient by plain autograd."""
         G_train = torch.stack([self.train_grad(i) for i in range(self.X.shape[0])])
         pairs = zip(self.X_test, self.y_test, strict=True)
         G_test = torch.stack([self.test_grad(x, t) for x, t in pairs])
-        return -G_test @ torch.linalg.solve(H, G_train.T)
+        return -G_test @ torch.linalg.solve(A, G_train.T)
 
 
 def _classification_data(n: int, d: int, classes: int, seed: int) -> tuple[Tensor, Tensor]:

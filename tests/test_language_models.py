@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import influencekit as ik
 
-from conftest import Problem, dense_gauss_newton, relative_error
+from conftest import Problem, relative_error
 
 VOCABULARY, LENGTH = 7, 6
 
@@ -98,17 +98,7 @@ def test_influence_on_a_causal_transformer_equals_the_dense_reference() -> None:
     problem = _problem()
     damping = 0.05
     with sdpa_kernel(SDPBackend.MATH):
-        G = dense_gauss_newton(problem, damping)
-        theta = problem.theta()
-
-        def loss(th: Tensor, x: Tensor, t: Tensor) -> Tensor:
-            return problem.objective.train_loss(problem.outputs(th, x[None]), t[None]).sum()
-
-        train = torch.stack([torch.func.grad(loss)(theta, x, t)
-                             for x, t in zip(problem.X, problem.y, strict=True)])
-        test = torch.stack([torch.func.grad(loss)(theta, x, t)
-                            for x, t in zip(problem.X_test, problem.y_test, strict=True)])
-    reference = -test @ torch.linalg.solve(G, (train + 0.01 * theta).T)
+        reference = problem.reference_gauss_newton_influence(damping)
     for solver in ("direct", ik.CG(tol=1e-10, preconditioner="ekfac")):
         inf = ik.Influence(problem.model, problem.objective, problem.train, solver=solver,
                            damping=damping, curvature="gauss-newton", stationarity_tol=None)

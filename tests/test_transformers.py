@@ -66,18 +66,7 @@ def problem(request: pytest.FixtureRequest) -> Problem:
 def _reference(problem: Problem) -> Tensor:
     """I_up,loss from the dense damped Gauss-Newton matrix, (m, n), float64."""
     with sdpa_kernel(SDPBackend.MATH):
-        G = dense_gauss_newton(problem, DAMPING)
-        theta = problem.theta()
-
-        def loss(th: Tensor, x: Tensor, t: Tensor) -> Tensor:
-            return problem.objective.train_loss(problem.outputs(th, x[None]), t[None]).sum()
-
-        train = torch.stack([torch.func.grad(loss)(theta, x, t)
-                             for x, t in zip(problem.X, problem.y, strict=True)])
-        test = torch.stack([torch.func.grad(loss)(theta, x, t)
-                            for x, t in zip(problem.X_test, problem.y_test, strict=True)])
-    train = train + problem.objective.weight_decay * theta
-    return -test @ torch.linalg.solve(G, train.T)
+        return problem.reference_gauss_newton_influence(DAMPING)
 
 
 def _influence(problem: Problem, solver: object, **options: object) -> ik.Influence:
