@@ -6,6 +6,7 @@ the predicted change of the test loss when a training point is removed (positive
 """
 
 from . import solvers, training, validation
+from .ensemble import Ensemble
 from .errors import (
     CacheMismatchError,
     ConvergenceWarning,
@@ -58,6 +59,7 @@ __all__ = [
     "Direct",
     "DtypeError",
     "EmptyDatasetError",
+    "Ensemble",
     "GradientStore",
     "IndefiniteHessianError",
     "IndexOutOfRangeError",

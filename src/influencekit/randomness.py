@@ -10,6 +10,7 @@ and the caller's next ``torch.rand`` is the one it would have drawn anyway.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -46,6 +47,14 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
         x = (x * multiplier + 12345) & _MASK
         x = x ^ (x >> 13)
     return x
+
+
+def derived_seed(*counters: int) -> int:
+    """A seed in [0, 2⁶²) that depends only on the integers given (SHA-256 of their decimal
+    text): e.g. (base seed, subset, draw), so that adding subsets or draws leaves the seeds of
+    the existing ones unchanged."""
+    text = ",".join(str(int(c)) for c in counters).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 2
 
 
 def rademacher(rows: torch.Tensor, columns: int, draws: int, seed: int) -> torch.Tensor:

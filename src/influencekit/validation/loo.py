@@ -30,12 +30,12 @@ from scipy import stats
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import ExampleSet
-from .influence import Influence
-from .inputs import call_arguments
-from .objective import Objective
-from .parameters import TrackedParameters, evaluation_mode
-from .training import hessian_matrix, minimize, train_steps
+from ..data import ExampleSet
+from ..influence import Influence
+from ..inputs import call_arguments
+from ..objective import Objective
+from ..parameters import TrackedParameters, evaluation_mode
+from ..training import hessian_matrix, minimize, train_steps
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ def _snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _test_losses(model: nn.Module, objective: Objective, test: ExampleSet) -> Tensor:
+def measured_test_losses(model: nn.Module, objective: Objective, test: ExampleSet) -> Tensor:
+    """The test measurement of every test point, ``(m,)``, in evaluation mode without gradients
+    (``objective.test_loss``: no regulariser)."""
     parameter = next(model.parameters())
     out = []
     with evaluation_mode(model), torch.no_grad():
@@ -144,13 +146,13 @@ def actual_loo_changes(model: nn.Module, objective: Objective, train: Any, test:
         start = _snapshot(work)  # refit baseline: every removal starts from the optimum
         if retraining.method == "newton" and tracked.dim <= 4096:
             hessian = hessian_matrix(work, objective, train_set, params)
-    baseline = _test_losses(work, objective, test_set)
+    baseline = measured_test_losses(work, objective, test_set)
     indices = torch.as_tensor(remove, dtype=torch.long).reshape(-1)
     columns = []
     for i in tqdm(indices.tolist(), desc="leave-one-out retraining", disable=not progress):
         work.load_state_dict(start)
         _retrain(work, objective, train_set.without([i]), retraining, params, hessian)
-        columns.append(_test_losses(work, objective, test_set) - baseline)
+        columns.append(measured_test_losses(work, objective, test_set) - baseline)
     return torch.stack(columns, dim=1)
 
 
