@@ -89,6 +89,7 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
     "influencekit-cg-ekfac": _cg(preconditioner="ekfac", tol=2e-4),
     "influencekit-cg-deflated-40": _cg(preconditioner=_deflated(40, 100), tol=3e-4),
     "influencekit-cg-deflated-3": _cg(preconditioner=_deflated(40, 100), max_iter=3, tol=1e-12),
+    "influencekit-cg-ekfac-3": _cg(preconditioner="ekfac", max_iter=3, tol=1e-12),
     "influencekit-lissa-ekfac": lambda p: _scores(p, ik.LiSSA(
         depth=30, batch_size=p.X_train.shape[0], tail=0.0, preconditioner="ekfac")),
     "influencekit-arnoldi-50": lambda p: _scores(p, ik.solvers.Arnoldi(rank=50)),

@@ -82,10 +82,18 @@ def atomic_save(payload: dict, path: Path) -> None:
 
 
 def _train(seed: int = 0) -> tuple[nn.Module, dict]:
+    X_train, y_train, _, _ = _digits()
+    return train_model(X_train, y_train, seed)
+
+
+def train_model(X_train: Tensor, y_train: Tensor, seed: int = 0,
+                polish_iterations: int = 20_000) -> tuple[nn.Module, dict]:
+    """The recipe of SETTINGS["training"] on the given points (float64 X): Adam then the
+    L-BFGS polish (at most ``polish_iterations``); returns the float64 model and a record of
+    the polish."""
     import influencekit as ik
     from influencekit.training import minimize
 
-    X_train, y_train, _, _ = _digits()
     torch.manual_seed(seed)
     model = build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -100,7 +108,7 @@ def _train(seed: int = 0) -> tuple[nn.Module, dict]:
             optimizer.step()
     model = model.double()
     report = minimize(model, ik.CrossEntropyObjective(weight_decay=1e-4), (X_train, y_train),
-                      method="lbfgs", tol=3e-6, max_iter=20_000)
+                      method="lbfgs", tol=3e-6, max_iter=polish_iterations)
     return model, {"polish_gradient_norm": report.gradient_norm,
                    "polish_iterations": report.iterations, "seed": seed}
 

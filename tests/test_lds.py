@@ -207,3 +207,19 @@ def test_an_ensemble_is_the_mean_of_its_members() -> None:
                                               solver="direct", damping=0.0).fit()])
     with pytest.raises(ik.InvalidSettingError):
         ik.Ensemble([])
+
+
+def test_shares_of_processes_fill_one_folder_with_what_one_process_computes(tmp_path) -> None:
+    problem = make_logreg(n=40)
+    measure = loss_measurement(problem.objective, problem.test)
+    reference = retrain_on_subsets(_Trainer(problem), measure, n=40, subsets=5, progress=False)
+    folder = tmp_path / "truth"
+    first, second = _Trainer(problem), _Trainer(problem)
+    assert retrain_on_subsets(first, measure, n=40, subsets=5, out=folder, progress=False,
+                              share=(0, 2)) is None
+    truth = retrain_on_subsets(second, measure, n=40, subsets=5, out=folder, progress=False,
+                               share=(1, 2))
+    assert (first.calls, second.calls) == (3, 2)
+    assert truth is not None and torch.equal(truth.per_seed, reference.per_seed)
+    with pytest.raises(ik.InvalidSettingError, match="out="):
+        retrain_on_subsets(first, measure, n=40, subsets=5, share=(0, 2), progress=False)

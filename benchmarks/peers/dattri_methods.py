@@ -117,7 +117,47 @@ def ekfac(problem, **overrides) -> Tensor:
     return _attribute(attributor, problem)
 
 
+def trak(problem, checkpoints: list[dict] | None = None, proj_dim: int = 512) -> Tensor:
+    """TRAK (dattri.algorithm.trak.TRAKAttributor) over ``checkpoints`` (state dicts of
+    independently trained models; default: the problem's one model), configured as dattri's
+    own example (examples/pretrained_benchmark/trak_lds.py): the per-example margin
+    log(p / (1 − p)) as the loss, the probability of the true label as
+    ``correct_probability_func``, the default projection (512 dimensions) in full precision.
+
+    TRAK scores how much a training point raises the test point's margin (helpful > 0); the
+    margin falls as the test loss −log p rises, so in influencekit's orientation (positive =
+    raises the test loss) the scores are negated: ours = −dattriᵀ (scale is irrelevant to LDS).
+    """
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    model = problem.model
+
+    def margin(params, pair):
+        x, y = pair
+        log_p = -F.cross_entropy(torch.func.functional_call(model, params, (x.unsqueeze(0),)),
+                                 y.unsqueeze(0).long())
+        return log_p - torch.log(1 - torch.exp(log_p))
+
+    def probability(params, pair):
+        x, y = pair
+        return torch.exp(-F.cross_entropy(
+            torch.func.functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0).long()))
+
+    states = checkpoints or [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    task = AttributionTask(loss_func=margin, model=model, checkpoints=states)
+    attributor = TRAKAttributor(task=task, correct_probability_func=probability, device="cpu",
+                                projector_kwargs={"device": "cpu", "proj_dim": proj_dim,
+                                                  "use_half_precision": False})
+    train, test = _loaders(problem)
+    with torch.no_grad():
+        attributor.cache(train)
+        scores = attributor.attribute(test)  # (n train, m test)
+    return -scores.detach().T.to(torch.float64)
+
+
 METHODS: dict[str, Callable] = {
+    "dattri-trak": trak,
     "dattri-cg": cg,
     "dattri-lissa": lissa,
     "dattri-arnoldi": arnoldi,
@@ -139,6 +179,12 @@ _COMMON = {
 }
 
 SETTINGS: dict[str, dict] = {
+    "dattri-trak": {"class": "TRAKAttributor", "loss_func": "per-example margin "
+                    "log(p/(1-p)) (dattri's example trak_lds.py)", "correct_probability_func":
+                    "p of the true label", "proj_dim": 512, "use_half_precision": False,
+                    "checkpoints": "one model (dattri-trak) or the independently trained "
+                                   "models of the ensemble (TRAK-M in lds_mlp.py)",
+                    "sign": "TRAK scores raise the margin; ours = -dattri^T"},
     "dattri-cg": {**_COMMON, "class": "IFAttributorCG", "regularization": "damping (1e-3)",
                   "max_iter": 10, "tol": "1e-7 (documented, but unused by ihvp_at_x_cg: "
                   "exactly max_iter iterations are run)", "mode": "rev-rev",

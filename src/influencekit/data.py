@@ -10,6 +10,9 @@ Training and test data may be given as
   in memory. It is read in order, one pass per need, in the loader's own batches; its length is
   counted on the first pass. It must give the same examples in the same order on every pass.
 
+A dict with ``input_ids`` (a tokenizer's output for the whole set, or the items or batches of a
+Dataset or DataLoader) needs no ``batch_fn``: :func:`influencekit.huggingface.causal_lm_batch`
+makes the targets (``labels``, or the input ids with padding ignored).
 With ``batch_fn`` any batch (or item) is turned into ``(inputs, targets)`` by that function, e.g.
 ``lambda batch: ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
 batch["labels"])`` for Hugging Face style dict batches, whose collate function may pad sequences
@@ -44,6 +47,7 @@ from .errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
+from .huggingface import causal_lm_batch, is_language_model_batch
 from .inputs import Inputs, as_inputs, as_tensor, batch_size, convert, leaves, rows_of, signature
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -73,6 +77,8 @@ class ExampleSet:
         self._collate = default_collate
         self._num_workers = 0
         self._cached_loader: tuple[int, DataLoader] | None = None
+        if batch_fn is None and is_language_model_batch(data):
+            data = causal_lm_batch(data)  # tokenizer output for the whole set: (n, T) tensors
         if isinstance(data, ExampleSet):
             self.__dict__.update(data.__dict__)
             self.name = name
@@ -113,7 +119,8 @@ class ExampleSet:
             raise EmptyDatasetError(f"{name} has no examples; at least one is needed.")
         if self._dataset is not None and batch_fn is None:
             first = self._dataset[0]
-            if not (isinstance(first, tuple | list) and len(first) == 2):
+            if not ((isinstance(first, tuple | list) and len(first) == 2)
+                    or is_language_model_batch(first)):
                 raise InputTypeError(
                     f"{name}: each item of the dataset must be an (input, target) pair; item 0 is "
                     f"a {type(first).__name__}. For dict items pass batch_fn=..., a function "
@@ -362,6 +369,8 @@ class ExampleSet:
         """A raw batch as (inputs, targets), through ``batch_fn`` if there is one."""
         if self.batch_fn is not None:
             batch = self.batch_fn(batch)
+        elif is_language_model_batch(batch):
+            batch = causal_lm_batch(batch)
         if not (isinstance(batch, tuple | list) and len(batch) == 2):
             raise InputTypeError(
                 f"{self.name}: a batch must be an (inputs, targets) pair, got "

@@ -19,6 +19,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import DtypeError, UnknownParameterError
+from .huggingface import model_output
 from .inputs import Inputs, call_arguments
 
 
@@ -128,7 +129,8 @@ class TrackedParameters:
         ``inputs`` a tensor, or a dict (``model(**inputs)``) or tuple (``model(*inputs)``)."""
         args, kwargs = call_arguments(inputs)
         with differentiable_attention():
-            return functional_call(self.model, {**self._constants, **parts}, args, kwargs)
+            return model_output(functional_call(self.model, {**self._constants, **parts}, args,
+                                                kwargs))
 
     @torch.no_grad()
     def assign(self, theta: Tensor) -> None:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ from tqdm.auto import tqdm
 from .. import arguments, distributed
 from ..curvature import HessianOperator
 from ..errors import CacheMismatchError, IndefiniteHessianError
-from ..inputs import Inputs, map_inputs
+from ..inputs import Inputs, map_inputs, rows_of
 from ..layers import (
     LayerBlock,
     find_blocks,
@@ -86,6 +87,7 @@ from ..layers import (
 )
 from ..randomness import rademacher
 from ..spectrum import SpectrumEstimate
+from ..transforms import is_transform_limitation
 from .base import ApproximateInverse
 
 logger = logging.getLogger(__name__)
@@ -414,17 +416,41 @@ class KFAC(ApproximateInverse):
         diagonal = torch.zeros(self.fallback_.numel(), dtype=op.dtype, device=op.device)
 
         def pseudo_loss(th: Tensor, x: Inputs, root: Tensor) -> Tensor:
-            one = map_inputs(lambda t: t.unsqueeze(0), x)
-            return (tracked.forward(th, one)[0] * root).sum()
+            """Σ f(x)·root for one example; batched: x and root keep their batch dimension."""
+            return (tracked.forward(th, x) * root).sum()
 
         for _, X, y in self._batches("Gauss-Newton diagonal"):
             with torch.no_grad():
                 outputs = tracked.forward(theta, X)
             roots = self._output_hessian_roots(outputs, y)  # (K, b, ...)
             for root in roots:
-                G = vmap(grad(pseudo_loss), in_dims=(None, 0, 0))(theta, X, root)
+                G = self._pseudo_gradients(pseudo_loss, theta, X, root)
                 diagonal += G[:, self.fallback_].pow(2).sum(dim=0)
         self.fallback_diagonal_ = distributed.all_reduce(diagonal) / op.num_train
+
+    def _pseudo_gradients(self, pseudo_loss: Callable[[Tensor, Inputs, Tensor], Tensor],
+                          theta: Tensor, X: Inputs, root: Tensor) -> Tensor:
+        """``(b, p)``: ∇_θ pseudo_loss(θ, x_i, root_i) per example (``pseudo_loss`` takes a batch
+        of one); vmap where the model allows
+        it, else one example at a time (models with data-dependent control flow, such as
+        Hugging Face attention masks)."""
+        gradients = self.operator.gradients
+        if gradients.vectorize:
+            def single(th: Tensor, x: Inputs, r: Tensor) -> Tensor:
+                return pseudo_loss(th, map_inputs(lambda t: t.unsqueeze(0), x), r.unsqueeze(0))
+
+            try:
+                return vmap(grad(single), in_dims=(None, 0, 0))(theta, X, root)
+            except Exception as error:
+                if not is_transform_limitation(error):
+                    raise
+        rows = []
+        for i in range(root.shape[0]):
+            with torch.enable_grad():
+                leaf = theta.detach().requires_grad_(True)
+                value = pseudo_loss(leaf, rows_of(X, slice(i, i + 1)), root[i : i + 1])
+                rows.append(torch.autograd.grad(value, leaf)[0])
+        return torch.stack(rows)
 
     # ----------------------------------------------------------------- solving
 

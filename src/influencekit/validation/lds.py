@@ -142,7 +142,8 @@ def loss_measurement(objective: Objective, test: Any) -> Measurement:
 def retrain_on_subsets(train: TrainFunction, measure: Measurement, n: int, subsets: int = 50,
                        fraction: float = 0.5, seeds: int = 1, seed: int = 0,
                        out: str | Path | None = None, key: str = "",
-                       progress: bool = True) -> SubsetGroundTruth:
+                       progress: bool = True,
+                       share: tuple[int, int] = (0, 1)) -> SubsetGroundTruth | None:
     """Retrain on S random subsets (R seeds each) and record the test measurements.
 
     Args:
@@ -162,6 +163,10 @@ def retrain_on_subsets(train: TrainFunction, measure: Measurement, n: int, subse
         key: a name for the recipe behind ``train`` and ``measure`` (they cannot be
             fingerprinted); change it when they change, so that a store is never mixed.
         progress: show a progress bar.
+        share: ``(index, count)``: this process trains only the missing trainings whose number
+            s·R + r is ``index`` modulo ``count``, so that ``count`` processes fill one ``out``
+            folder together. Returns ``None`` while other shares are unfinished; a last call
+            with the default ``(0, 1)`` trains whatever is still missing and returns the truth.
 
     Returns:
         :class:`SubsetGroundTruth` with masks ``(S, n)`` and measurements ``(S, m)``.
@@ -175,6 +180,12 @@ def retrain_on_subsets(train: TrainFunction, measure: Measurement, n: int, subse
     seeds = arguments.positive_integer("seeds", seeds)
     seed = arguments.seed("seed", seed)
     subset_size(n, fraction)
+    index, count = share
+    count = arguments.positive_integer("share[1]", count)
+    index = arguments.integer("share[0]", index, minimum=0, maximum=count - 1)
+    if count > 1 and out is None:
+        raise InvalidSettingError("share=(index, count) splits the trainings between processes "
+                                  "that fill one folder; pass out=FOLDER as well.")
     store = None
     if out is not None:
         store = ShardFolder(out, {"format": FORMAT, "version": FORMAT_VERSION, "n": n,
@@ -189,7 +200,9 @@ def retrain_on_subsets(train: TrainFunction, measure: Measurement, n: int, subse
                 results[s, r] = np.array(store.read(name), dtype=np.float64)
             else:
                 pending.append((s, r, name))
-    bar = tqdm(total=subsets * seeds, initial=subsets * seeds - len(pending),
+    missing = len(pending)
+    pending = [(s, r, name) for s, r, name in pending if (s * seeds + r) % count == index]
+    bar = tqdm(total=subsets * seeds, initial=subsets * seeds - missing,
                desc="subset retraining", disable=not progress)
     try:
         for s, r, name in pending:
@@ -207,6 +220,8 @@ def retrain_on_subsets(train: TrainFunction, measure: Measurement, n: int, subse
             bar.update(1)
     finally:
         bar.close()
+    if len(results) < subsets * seeds:
+        return None  # other shares are still training
     sizes = {v.shape[0] for v in results.values()}
     if len(sizes) != 1:
         raise ShapeMismatchError(

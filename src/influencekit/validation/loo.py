@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data import ExampleSet
+from ..huggingface import model_output
 from ..influence import Influence
 from ..inputs import call_arguments
 from ..objective import Objective
@@ -103,7 +104,7 @@ def measured_test_losses(model: nn.Module, objective: Objective, test: ExampleSe
     with evaluation_mode(model), torch.no_grad():
         for _, X, y in test.batches(4096, parameter.device, parameter.dtype):
             args, kwargs = call_arguments(X)
-            out.append(objective.test_loss(model(*args, **kwargs), y))
+            out.append(objective.test_loss(model_output(model(*args, **kwargs)), y))
     return torch.cat(out)
 
 

@@ -1,0 +1,68 @@
+"""Hugging Face conventions: dict batches in, an output object with ``.logits`` out.
+
+A ``transformers`` model is called as ``model(input_ids=..., attention_mask=...)`` and returns a
+``ModelOutput`` whose ``.logits`` are the outputs influencekit differentiates. Nothing here
+imports ``transformers``: the conventions are recognised by shape alone, so any model that
+follows them works the same way.
+
+- :func:`model_output`: the tensor of a model's return value (itself, or its ``.logits``).
+- :func:`causal_lm_batch`: the default mapping of a dict batch to ``(inputs, targets)`` for causal
+  language models, used whenever a batch is a dict with ``input_ids`` and no ``batch_fn`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import InputTypeError
+
+IGNORE_INDEX = -100  # transformers' and torch's cross-entropy default
+
+
+def model_output(result: Any) -> Tensor:
+    """The output tensor of a model call: ``result`` if it is a tensor, else its ``logits``
+    (an attribute, as on a ``transformers`` ``ModelOutput``, or a mapping key)."""
+    if isinstance(result, Tensor):
+        return result
+    logits = getattr(result, "logits", None)
+    if logits is None and isinstance(result, Mapping):
+        logits = result.get("logits")
+    if isinstance(logits, Tensor):
+        return logits
+    raise InputTypeError(
+        f"The model returned a {type(result).__name__}; influencekit needs a tensor of outputs "
+        "or an object with a .logits tensor (as Hugging Face models return). Wrap the model so "
+        "that forward returns the tensor the objective takes.")
+
+
+def is_language_model_batch(batch: Any) -> bool:
+    """Whether ``batch`` is a dict batch of a language model (it has ``input_ids``)."""
+    return isinstance(batch, Mapping) and "input_ids" in batch
+
+
+def causal_lm_batch(batch: Mapping[str, Any],
+                    ignore_index: int = IGNORE_INDEX) -> tuple[dict[str, Any], Tensor]:
+    """A Hugging Face style batch as ``(inputs, targets)`` for a causal language model.
+
+    inputs: every entry except ``labels`` (the model is called as ``model(**inputs)``).
+    targets: ``labels`` if the batch has them; else ``input_ids`` with the padded positions
+    (``attention_mask == 0``) set to ``ignore_index``, which
+    :class:`~influencekit.CausalLMObjective` skips. Shapes: ``(b, T)`` each.
+    """
+    if not is_language_model_batch(batch):
+        raise InputTypeError(f"A language-model batch is a dict with 'input_ids'; got "
+                             f"{type(batch).__name__}"
+                             + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping)
+                                else "") + ".")
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if "labels" in batch:
+        return inputs, torch.as_tensor(batch["labels"])
+    targets = torch.as_tensor(batch["input_ids"]).clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        targets[torch.as_tensor(mask) == 0] = ignore_index
+    return inputs, targets
