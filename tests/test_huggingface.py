@@ -87,6 +87,11 @@ def test_a_gpt2_from_a_config_takes_dict_batches_and_matches_a_dense_hessian(gpt
         inf = ik.Influence(model, ik.CausalLMObjective(), train, solver=solver, params=PARAMS,
                            damping=DAMPING, stationarity_tol=None).fit()
         torch.testing.assert_close(inf.influence(test), reference, rtol=1e-7, atol=1e-10)
+    per_token = inf.token_influence(test, [0, 3, 5])  # padded sequences among them
+    torch.testing.assert_close(per_token.totals(), reference[:, [0, 3, 5]], rtol=1e-7,
+                               atol=1e-10)
+    padded = train["attention_mask"][[0, 3, 5]] == 0
+    assert (per_token.tokens[:, padded] == 0).all()
 
 
 def _padding_collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:

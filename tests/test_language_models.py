@@ -115,3 +115,34 @@ def test_influence_on_a_causal_transformer_equals_the_dense_reference() -> None:
                            damping=damping, curvature="gauss-newton",
                            stationarity_tol=None).fit().influence(problem.test)
     torch.testing.assert_close(flipped, -reference, rtol=1e-7, atol=1e-10)
+
+
+def test_per_token_scores_sum_to_the_sequence_score_and_match_token_gradients() -> None:
+    problem = _problem()
+    labels = problem.y.clone()
+    labels[3, 4:] = -100  # a padded training sequence
+    inf = ik.Influence(problem.model, problem.objective, (problem.X, labels), solver="direct",
+                       damping=0.05, curvature="gauss-newton", stationarity_tol=None,
+                       chunk_size=4).fit()
+    chosen = [3, 0, 11, 7, 19]
+    scores = inf.token_influence(problem.test, chosen)
+    assert scores.tokens.shape == (8, 5, LENGTH)
+    torch.testing.assert_close(scores.totals(), inf.influence(problem.test)[:, chosen],
+                               rtol=1e-9, atol=1e-12)
+    assert (scores.tokens[:, :, 0] == 0).all()  # the first token is predicted by nothing
+    assert (scores.tokens[:, 0, 4:] == 0).all()  # padding counts for nothing
+    assert bool((scores.regularizer != 0).all())  # weight decay 0.01 has its own share
+    # independently: −s_jᵀ∇ℓ_t by reverse mode for one token of one sequence
+    S = inf.solve(inf.test_gradients(problem.test))
+    theta = inf.theta_.clone().requires_grad_(True)
+    logits = inf.tracked_.forward(theta, problem.X[11:12])
+    token = -torch.log_softmax(logits[0, 2], dim=0)[labels[11, 3]]
+    (gradient,) = torch.autograd.grad(token, theta)
+    torch.testing.assert_close(scores.tokens[:, 2, 3], -(S @ gradient), rtol=1e-9, atol=1e-12)
+    regression = ik.Influence(problem.model, ik.MSEObjective(),
+                              (problem.X, torch.zeros(20, LENGTH, VOCABULARY,
+                                                      dtype=torch.float64)),
+                              solver="direct", damping=0.05, curvature="gauss-newton",
+                              stationarity_tol=None).fit()
+    with pytest.raises(ik.InvalidSettingError, match="token_losses"):
+        regression.token_influence(problem.test, [0])

@@ -59,6 +59,7 @@ from .scoring import LayerScorer, ScoringReport, layer_path_applies
 from .snapshot import ModelSnapshot, named_state
 from .solvers import Solver, SolveReport, make_solver
 from .solvers.base import combine_reports
+from .tokens import TokenScores, check_token_objective, token_directional_derivatives
 
 if TYPE_CHECKING:
     from .store.gradients import GradientStore
@@ -711,6 +712,28 @@ class Influence:
             parts = [self.gradients_.input_gradients(self.theta_, S, rows_of(X, s), y[s])
                      for s in _slices(batch_size(X), self.chunk_size)]
         return -torch.cat(parts, dim=1)
+
+    def token_influence(self, test: Any, train_indices: Tensor | Sequence[int]) -> TokenScores:
+        """Per-token I_up,loss of the chosen training sequences on every test point.
+
+        ``tokens[j, k, t]`` = −s_jᵀ∇_θ ℓ_{i_k,t}, the share of target token t of sequence i_k,
+        with s_j = (C + λ_d·I)⁻¹∇L_test(z_j); the shares and the regulariser's share sum to
+        ``influence(test)[:, train_indices]``. One JVP per query and chunk of sequences, no
+        per-token gradient formed (:mod:`influencekit.tokens`). Needs an objective with
+        ``token_losses`` (:class:`~influencekit.CausalLMObjective`).
+        """
+        self._require_fitted()
+        check_token_objective(self.objective)
+        indices = torch.as_tensor(train_indices, dtype=torch.long).reshape(-1)
+        S = self.solve(self.test_gradients(test))
+        X, y = self.train_data.take(indices, self._device(), self._dtype())
+        tracked = self.gradients_.tracked
+        with evaluation_mode(self.model):
+            parts = [token_directional_derivatives(tracked, self.objective, self.theta_, S,
+                                                   rows_of(X, rows), y[rows])
+                     for rows in _slices(batch_size(X), self.chunk_size)]
+        regularizer = -(S @ (self.gradients_.decay * self.theta_))
+        return TokenScores(-torch.cat(parts, dim=1), regularizer, indices)
 
     def self_influence(self) -> Tensor:
         """I_up,loss(z_i, z_i) for every training point, ``(n,)``, without an n × n matrix.

@@ -422,12 +422,21 @@ class CausalLMObjective(Objective):
             return outputs[:, :-1], targets[:, 1:]
         return outputs, targets
 
-    def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def token_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``(b, T)``: ℓ_t = −log softmax(f(x)_{t−1})[y_t] at each target position t (with
+        ``shift=False``: −log softmax(f(x)_t)[y_t]); 0 where y_t is ``ignore_index`` and, when
+        shifted, at t = 0. The training loss is their sum over t."""
         logits, labels = self._aligned(outputs, targets.long())
         counted = labels != self.ignore_index
         safe = torch.where(counted, labels, torch.zeros_like(labels))
         tokens = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (b, T')
-        return (tokens * counted.to(tokens.dtype)).sum(dim=1)
+        tokens = tokens * counted.to(tokens.dtype)
+        if self.shift:
+            tokens = F.pad(tokens, (1, 0))  # position 0 is predicted by nothing
+        return tokens
+
+    def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.token_losses(outputs, targets).sum(dim=1)
 
     def test_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         loss = self.train_loss(outputs, targets)
