@@ -51,6 +51,22 @@ def test_exact_for_a_linear_layer_with_squared_error(solver: ik.solvers.Solver,
                                rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC(),
+                                    ik.solvers.KFAC(refine=0), ik.solvers.EKFAC(refine=0)])
+def test_exact_for_a_linear_layer_on_sequences_with_squared_error(
+        solver: ik.solvers.Solver) -> None:
+    """Inputs (b, T, d), outputs (b, T, o): the gradient is Σ_t s_t a_tᵀ and squared error has
+    output Hessian c·I, with no coupling between positions, so the Gauss-Newton matrix is
+    c·I ⊗ (1/n)Σ_i Σ_t a_it a_itᵀ: a Kronecker product of the factors summed over tokens."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(25, 5, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(25, 5, 3, generator=g, dtype=torch.float64)
+    problem = _problem(nn.Linear(4, 3), ik.MSEObjective(weight_decay=0.01), X, y)
+    op = make_operator(problem, damping=0.05)
+    torch.testing.assert_close(_approximation(solver, op), dense_gauss_newton(problem, 0.05),
+                               rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC()])
 def test_exact_for_a_convolution_that_sees_the_whole_image(solver: ik.solvers.Solver) -> None:
     """A 3×3 kernel on a 3×3 image has one position (T = 1): the Linear case again."""
