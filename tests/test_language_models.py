@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -146,3 +148,31 @@ def test_per_token_scores_sum_to_the_sequence_score_and_match_token_gradients() 
                               stationarity_tol=None).fit()
     with pytest.raises(ik.InvalidSettingError, match="token_losses"):
         regression.token_influence(problem.test, [0])
+
+
+class _WholeOutputHessian(ik.CausalLMObjective):
+    """The same loss, without saying that its output Hessian is block diagonal."""
+
+    def position_hessians(self, outputs: Tensor, targets: Tensor) -> None:
+        return None
+
+
+@pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC(samples=3),
+                                    ik.solvers.KFAC(samples=2, refine=0)])
+def test_per_position_output_hessian_blocks_give_the_factors_of_the_whole_hessian(
+        solver: ik.solvers.Solver) -> None:
+    """K-FAC forms the causal LM's output Hessian per position (V × V blocks) instead of
+    whole (T·V × T·V); the factors, the fallback diagonal and the scores are the same."""
+    problem = _problem()
+    labels = problem.y.clone()
+    labels[2, 3:] = -100
+    scores = []
+    for objective in (ik.CausalLMObjective(weight_decay=0.01),
+                      _WholeOutputHessian(weight_decay=0.01)):
+        inf = ik.Influence(problem.model, objective, (problem.X, labels),
+                           solver=copy.deepcopy(solver), damping=0.05,
+                           stationarity_tol=None).fit()
+        scores.append(inf.influence(problem.test))
+    # the roots of eigenvalues at round-off level (≈ K·ε·‖H‖, zeroed by a floor that differs
+    # between a V × V block and the whole T·V × T·V matrix) are ≈ √ε: the paths agree to that
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-6, atol=1e-8)

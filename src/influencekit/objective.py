@@ -107,6 +107,13 @@ class Objective(ABC):
         """
         _check_batch(outputs, targets, type(self).__name__)
 
+    def position_hessians(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """``(b, T, V, V)`` if ℓ is a sum over positions t of terms that each depend on the
+        outputs at t only (outputs ``(b, T, V)``): the Hessian of ℓ in f_t, one V × V block per
+        position, the output Hessian being block diagonal. ``None`` (the default): no such
+        structure, the K × K output Hessian is formed whole (K = outputs per example)."""
+        return None
+
     @property
     def uniform_weight_decay(self) -> float | None:
         """λ when one number applies to every parameter, else ``None``."""
@@ -437,6 +444,20 @@ class CausalLMObjective(Objective):
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return self.token_losses(outputs, targets).sum(dim=1)
+
+    def position_hessians(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``(b, T, V, V)``: at each logit position t that predicts a counted token,
+        ∇²_{f_t} ℓ = diag(p_t) − p_t p_tᵀ with p_t = softmax(f_t); zero elsewhere (the last
+        position when shifted, and positions whose target is ``ignore_index``)."""
+        labels = targets.long()
+        counted = torch.zeros(labels.shape, dtype=outputs.dtype, device=outputs.device)
+        if self.shift:
+            counted[:, :-1] = (labels[:, 1:] != self.ignore_index).to(outputs.dtype)
+        else:
+            counted = (labels != self.ignore_index).to(outputs.dtype)
+        p = torch.softmax(outputs.detach(), dim=-1)
+        blocks = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        return blocks * counted[:, :, None, None]
 
     def test_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         loss = self.train_loss(outputs, targets)

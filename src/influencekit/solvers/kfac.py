@@ -280,9 +280,22 @@ class KFAC(ApproximateInverse):
         return tqdm(batches, desc=description, leave=False, disable=not self.progress)
 
     def _output_hessian_roots(self, outputs: Tensor, y: Tensor) -> Tensor:
-        """L with ∇²_f ℓ_i = L_i L_iᵀ, shape (K, b, *output_shape[1:]) (K = outputs per example)."""
+        """L with ∇²_f ℓ_i = L_i L_iᵀ, shape (K, b, *output_shape[1:]) (K = outputs per example).
+
+        L_i is the symmetric root. With an objective whose output Hessian is block diagonal
+        over positions (:meth:`Objective.position_hessians`), the roots are taken per V × V
+        block and column (t, c) of L_i is nonzero at position t only.
+        """
         objective = self.operator.gradients.objective
         b = outputs.shape[0]
+        positions = objective.position_hessians(outputs.detach(), y)
+        if positions is not None:
+            roots = _symmetric_roots(positions).to(outputs.dtype)  # (b, T, V, V)
+            T, V = roots.shape[1], roots.shape[2]
+            full = torch.zeros(T, V, b, T, V, dtype=outputs.dtype, device=outputs.device)
+            for t in range(T):  # column (t, c) of L_i: root_t[:, c] at position t
+                full[t, :, :, t, :] = roots[:, t].permute(2, 0, 1)
+            return full.reshape(T * V, b, T, V)
         flat = outputs.detach().reshape(b, -1)
         shape = outputs.shape[1:]
 
@@ -290,17 +303,33 @@ class KFAC(ApproximateInverse):
             return objective.train_loss(f.reshape(1, *shape), target.unsqueeze(0)).sum()
 
         H = vmap(hessian(loss))(flat, y)  # (b, K, K)
-        eigenvalues, eigenvectors = torch.linalg.eigh(H.double())
-        # eigenvalues at round-off level (cross-entropy's null direction) are zero, so that
-        # batch-size-dependent rounding cannot make their roots appear and vanish
-        floor = eigenvalues.shape[-1] * torch.finfo(H.dtype).eps * \
-            eigenvalues.abs().amax(dim=-1, keepdim=True)
-        eigenvalues = torch.where(eigenvalues > floor, eigenvalues, 0.0)
-        # the symmetric root Q Λ^½ Qᵀ: unique, unlike Q Λ^½, whose columns change sign with
-        # the eigensolver's choices (which random-sign combinations would see)
-        roots = ((eigenvectors * eigenvalues.sqrt().unsqueeze(1))
-                 @ eigenvectors.transpose(1, 2)).to(flat.dtype)
+        roots = _symmetric_roots(H).to(flat.dtype)
         return roots.permute(2, 0, 1).reshape(-1, b, *shape)  # column c of L_i at [c, i]
+
+    def _pullback_columns(self, outputs: Tensor, y: Tensor, rows: slice) -> Tensor:
+        """What is pulled back through the network per example: the K root columns, or with
+        ``samples=r`` their r random-sign combinations Σ_c ξ_c L_ic / √r, ``(K or r, b, ...)``.
+
+        With per-position blocks and ``samples`` the combinations are formed block by block,
+        never the (K, b, T, V) layout: Σ_(t,c) ξ_(t,c) L[:, (t,c)] has root_t ξ_t at position t.
+        """
+        objective = self.operator.gradients.objective
+        indices = torch.arange(rows.start, rows.stop, device=outputs.device)
+        if self.samples is not None:
+            positions = objective.position_hessians(outputs.detach(), y)
+            if positions is not None:
+                roots = _symmetric_roots(positions).to(outputs.dtype)  # (b, T, V, V)
+                b, T, V = roots.shape[:3]
+                signs = rademacher(indices, T * V, self.samples, self.seed)
+                signs = signs.to(roots.dtype).reshape(self.samples, b, T, V)
+                combined = torch.einsum("btvc,rbtc->rbtv", roots, signs)
+                return combined / math.sqrt(self.samples)
+        roots = self._output_hessian_roots(outputs, y)  # (K, b, ...)
+        if self.samples is None:
+            return roots
+        signs = rademacher(indices, roots.shape[0], self.samples, self.seed)
+        combined = torch.einsum("rbk,kb...->rb...", signs.to(roots.dtype), roots)
+        return combined / math.sqrt(self.samples)
 
     def _pass(self, description: str):
         """Per chunk: for each block, (a (b, T, in), s (K, b, T, out)); K = ``samples`` when
@@ -309,13 +338,7 @@ class KFAC(ApproximateInverse):
         for rows, X, y in self._batches(description):
             def pull_back(outputs: Tensor, y: Tensor = y, rows: slice = rows
                           ) -> tuple[Tensor, Tensor]:
-                roots = self._output_hessian_roots(outputs, y)  # (K, b, ...)
-                if self.samples is None:
-                    return outputs, roots
-                indices = torch.arange(rows.start, rows.stop, device=roots.device)
-                signs = rademacher(indices, roots.shape[0], self.samples, self.seed)
-                combined = torch.einsum("rbk,kb...->rb...", signs.to(roots.dtype), roots)
-                return outputs, combined / math.sqrt(self.samples)
+                return outputs, self._pullback_columns(outputs, y, rows)
 
             yield layer_signals(op.gradients.tracked, op.theta, X, self.blocks_, pull_back)[1]
 
@@ -419,10 +442,10 @@ class KFAC(ApproximateInverse):
             """Σ f(x)·root for one example; batched: x and root keep their batch dimension."""
             return (tracked.forward(th, x) * root).sum()
 
-        for _, X, y in self._batches("Gauss-Newton diagonal"):
+        for rows, X, y in self._batches("Gauss-Newton diagonal"):
             with torch.no_grad():
                 outputs = tracked.forward(theta, X)
-            roots = self._output_hessian_roots(outputs, y)  # (K, b, ...)
+            roots = self._pullback_columns(outputs, y, rows)  # (K or samples, b, ...)
             for root in roots:
                 G = self._pseudo_gradients(pseudo_loss, theta, X, root)
                 diagonal += G[:, self.fallback_].pow(2).sum(dim=0)
@@ -506,3 +529,18 @@ class EKFAC(KFAC):
 
     name = "ekfac"
     eigenvalue_correction = True
+
+
+def _symmetric_roots(H: Tensor) -> Tensor:
+    """Q Λ^½ Qᵀ of each symmetric PSD matrix in ``H`` (..., K, K), in float64.
+
+    Eigenvalues at round-off level (cross-entropy's null direction) are set to zero, so that
+    batch-size-dependent rounding cannot make their roots appear and vanish. The symmetric root
+    is unique, unlike Q Λ^½, whose columns change sign with the eigensolver's choices (which
+    random-sign combinations would see).
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(H.double())
+    floor = eigenvalues.shape[-1] * torch.finfo(H.dtype).eps * \
+        eigenvalues.abs().amax(dim=-1, keepdim=True)
+    eigenvalues = torch.where(eigenvalues > floor, eigenvalues, 0.0)
+    return (eigenvectors * eigenvalues.sqrt().unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
