@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -36,9 +35,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import lds_common  # noqa: E402
+
 import influencekit as ik  # noqa: E402
 from influencekit.validation import (  # noqa: E402
-    linear_datamodeling_score,
     loss_measurement,
     retrain_on_subsets,
 )
@@ -47,9 +47,10 @@ import problem as problem_module  # noqa: E402
 
 SINGLE = ["influencekit-cg-deflated", "influencekit-cg-ekfac", "influencekit-cg-ekfac-3",
           "influencekit-cg-deflated-3", "influencekit-ekfac", "influencekit-arnoldi-50",
-          "influencekit-gradient-dot", "kronfluence-ekfac", "kronfluence-ekfac-empirical",
-          "pydvl-ekfac", "pydvl-cg-block", "dattri-cg", "dattri-ekfac", "dattri-arnoldi",
-          "dattri-trak"]
+          "influencekit-gradient-dot", "influencekit-ekfac-heuristic-damping",
+          "kronfluence-ekfac", "kronfluence-ekfac-empirical",
+          "kronfluence-ekfac-heuristic-damping", "pydvl-ekfac", "pydvl-cg-block", "dattri-cg",
+          "dattri-ekfac", "dattri-arnoldi", "dattri-trak"]
 ENSEMBLE_SOLVERS = {"influencekit-ekfac": "ekfac",
                     "influencekit-cg-ekfac-3": "cg-ekfac-3"}
 
@@ -101,16 +102,6 @@ def _method(name: str) -> Callable:
     return module.METHODS[name]
 
 
-def _agreement(scores: torch.Tensor, reference: torch.Tensor) -> dict:
-    S, R = scores.double(), reference.double()
-
-    def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
-
-    rows = [pearson(S[j], R[j]) for j in range(R.shape[0])]
-    return {"pearson_all": pearson(S, R), "pearson_rows_mean": sum(rows) / len(rows)}
-
-
 def _ensemble_scores(solver: str, problem, models: list[torch.nn.Module]) -> torch.Tensor:
     if solver == "ekfac":
         make = ik.EKFAC
@@ -132,7 +123,10 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="run only these (names of SINGLE, or NAME-ensemble for the "
+                             "ensembles: influencekit-ekfac, influencekit-cg-ekfac-3, "
+                             "dattri-trak) and merge their rows into the existing JSON")
     args = parser.parse_args()
     if args.worker is not None:
         torch.set_num_threads(1)
@@ -150,62 +144,41 @@ def main() -> None:
     truth_seconds = time.perf_counter() - started
     problem = problem_module.load(problem_module.prepare(out))
     torch.set_num_threads(2)
-    rows = []
-
-    def record(name: str, work: Callable[[], torch.Tensor], **extra) -> None:
-        begun = time.perf_counter()
-        try:
-            scores = work()
-        except Exception as error:  # a peer failing is a result, not a crash of the benchmark
-            rows.append({"method": name, "error": repr(error)[:300], **extra})
-            print(f"{name:40s} failed: {error!r}"[:200], flush=True)
-            return
-        seconds = time.perf_counter() - begun
-        lds = linear_datamodeling_score(scores, truth)
-        row = {"method": name, "seconds": seconds, "lds": lds.mean, "low": lds.low,
-               "high": lds.high, "defined": lds.defined, **extra,
-               **_agreement(scores, problem.reference)}
-        rows.append(row)
-        print(f"{name:40s} LDS {lds.mean:.3f} [{lds.low:.3f}, {lds.high:.3f}]  "
-              f"{seconds:7.1f} s  R(rows) {row['pearson_rows_mean']:.3f}  "
-              f"R(all) {row['pearson_all']:.3f}", flush=True)
+    table = lds_common.Table(truth, problem.reference)
+    record = table.record
 
     chosen = args.methods if args.methods is not None else SINGLE
     record("exact influence (float64 CG reference)", lambda: problem.reference,
            note="the problem's cached reference; its time is not measured here")
     for name in chosen:
-        record(name, lambda name=name: _method(name)(problem))
-    models = _members(args, problem)
-    for name, solver in ENSEMBLE_SOLVERS.items():
-        record(f"{name} ensemble of {len(models)}",
-               lambda solver=solver: _ensemble_scores(solver, problem, models),
-               members=len(models))
-    if args.methods is None or "dattri-trak" in chosen:
-        from peers import dattri_methods
+        if not name.endswith("-ensemble"):
+            record(name, lambda name=name: _method(name)(problem))
+    if args.methods is None or any("ensemble" in name for name in chosen):
+        models = _members(args, problem)
+        for name, solver in ENSEMBLE_SOLVERS.items():
+            label = f"{name} ensemble of {len(models)}"
+            if args.methods is None or f"{name}-ensemble" in chosen:
+                record(label, lambda solver=solver: _ensemble_scores(solver, problem, models),
+                       members=len(models))
+        if args.methods is None or "dattri-trak-ensemble" in chosen:
+            from peers import dattri_methods
 
-        states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
-        record(f"dattri-trak over {len(models)} models",
-               lambda: dattri_methods.trak(problem, states), members=len(models))
+            states = [{k: v.detach().clone() for k, v in m.state_dict().items()}
+                      for m in models]
+            record(f"dattri-trak over {len(models)} models",
+                   lambda: dattri_methods.trak(problem, states), members=len(models))
+    path = out / "lds_mlp.json"
+    rows = {row["method"]: row for row in (json.loads(path.read_text())["rows"]
+                                           if path.exists() and args.methods else [])}
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    rows.update({row["method"]: row | {"measured": stamp} for row in table.rows})
     payload = {"benchmark": "lds_mlp", "settings": vars(args) | problem_module.SETTINGS,
                "ground_truth": {"subsets": args.subsets, "fraction": 0.5,
                                 "seeds_per_subset": args.seeds, "folder": str(truth.folder),
                                 "seconds_this_run": truth_seconds},
-               "versions": _versions(), "machine": platform.platform(), "rows": rows}
-    (out / "lds_mlp.json").write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out / 'lds_mlp.json'}")
-
-
-def _versions() -> dict:
-    import importlib.metadata as metadata
-
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "influencekit": ik.__version__}
-    for package in ("kronfluence", "pydvl", "dattri", "numpy"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+               "versions": lds_common.versions(), "rows": list(rows.values())}
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {path} ({'rows merged into the earlier run' if args.methods else 'all rows'})")
 
 
 if __name__ == "__main__":

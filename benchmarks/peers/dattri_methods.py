@@ -122,7 +122,9 @@ def trak(problem, checkpoints: list[dict] | None = None, proj_dim: int = 512) ->
     independently trained models; default: the problem's one model), configured as dattri's
     own example (examples/pretrained_benchmark/trak_lds.py): the per-example margin
     log(p / (1 − p)) as the loss, the probability of the true label as
-    ``correct_probability_func``, the default projection (512 dimensions) in full precision.
+    ``correct_probability_func``, the default projection to 512 dimensions (dattri 0.3.0's
+    projector has no ``use_half_precision`` option, which the example passes; it computes in
+    the input's dtype, float32 here).
 
     TRAK scores how much a training point raises the test point's margin (helpful > 0); the
     margin falls as the test loss −log p rises, so in influencekit's orientation (positive =
@@ -147,8 +149,7 @@ def trak(problem, checkpoints: list[dict] | None = None, proj_dim: int = 512) ->
     states = checkpoints or [{k: v.detach().clone() for k, v in model.state_dict().items()}]
     task = AttributionTask(loss_func=margin, model=model, checkpoints=states)
     attributor = TRAKAttributor(task=task, correct_probability_func=probability, device="cpu",
-                                projector_kwargs={"device": "cpu", "proj_dim": proj_dim,
-                                                  "use_half_precision": False})
+                                projector_kwargs={"device": "cpu", "proj_dim": proj_dim})
     train, test = _loaders(problem)
     with torch.no_grad():
         attributor.cache(train)
@@ -181,7 +182,7 @@ _COMMON = {
 SETTINGS: dict[str, dict] = {
     "dattri-trak": {"class": "TRAKAttributor", "loss_func": "per-example margin "
                     "log(p/(1-p)) (dattri's example trak_lds.py)", "correct_probability_func":
-                    "p of the true label", "proj_dim": 512, "use_half_precision": False,
+                    "p of the true label", "proj_dim": 512,
                     "checkpoints": "one model (dattri-trak) or the independently trained "
                                    "models of the ensemble (TRAK-M in lds_mlp.py)",
                     "sign": "TRAK scores raise the margin; ours = -dattri^T"},

@@ -54,7 +54,8 @@ def _task_class():
     return ClassificationTask
 
 
-def _scores(problem, strategy: str, use_empirical_fisher: bool = False) -> Tensor:
+def _scores(problem, strategy: str, use_empirical_fisher: bool = False,
+            heuristic_damping: bool = False) -> Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -79,7 +80,8 @@ def _scores(problem, strategy: str, use_empirical_fisher: bool = False) -> Tenso
             scores_name=strategy, factors_name=strategy, query_dataset=query,
             train_dataset=train, per_device_query_batch_size=m,
             per_device_train_batch_size=n,
-            score_args=ScoreArguments(damping_factor=problem.damping),
+            score_args=ScoreArguments(
+                damping_factor=None if heuristic_damping else problem.damping),
             overwrite_output_dir=True)
         scores = analyzer.load_pairwise_scores(scores_name=strategy)["all_modules"]
     return -scores.detach().to(torch.float64)  # (m, n); ours = −kronfluence
@@ -91,6 +93,9 @@ METHODS: dict[str, Callable] = {
     # its other documented curvature: the empirical Fisher, from the true labels
     "kronfluence-ekfac-empirical": functools.partial(_scores, strategy="ekfac",
                                                      use_empirical_fisher=True),
+    # its documented alternative to a fixed damping: 0.1 x each module's mean eigenvalue
+    "kronfluence-ekfac-heuristic-damping": functools.partial(_scores, strategy="ekfac",
+                                                             heuristic_damping=True),
 }
 
 _COMMON = {
@@ -117,6 +122,10 @@ _COMMON = {
 SETTINGS: dict[str, dict] = {
     "kronfluence-ekfac": {**_COMMON, "strategy": "ekfac"},
     "kronfluence-kfac": {**_COMMON, "strategy": "kfac"},
+    "kronfluence-ekfac-heuristic-damping": {**_COMMON, "strategy": "ekfac",
+                                            "damping_factor": "None: kronfluence's heuristic, "
+                                            "0.1 x the mean corrected eigenvalue of each "
+                                            "module (not the problem's damping)"},
     "kronfluence-ekfac-empirical": {**_COMMON, "strategy": "ekfac", "use_empirical_fisher": True,
                                     "curvature": "empirical Fisher: gradients at the true "
                                                  "labels, per-example mean scale"},

@@ -47,11 +47,18 @@ draw). Since E[ξ ξᵀ] = I, every sum above that is quadratic in s (S, the ref
 the corrected eigenvalues) keeps its expectation: the estimate is unbiased, costs r instead of
 K backward passes per example, and works for any loss (a sampled-label Fisher needs a
 likelihood to sample from). The signs depend only on the example, so the same data gives the
-same factors in any chunking and any number of processes.
+same factors in any chunking and any number of processes. The fallback diagonal below is then
+estimated from the same combinations.
+
+An objective whose loss is a sum over output positions of terms in that position's outputs
+only (a language model's tokens: :meth:`~influencekit.Objective.position_hessians`) has a
+block-diagonal output Hessian: L_i is rooted one V × V block at a time instead of as a
+T·V × T·V matrix, and with ``samples`` the combinations are formed per block, so their cost
+does not grow with T·V.
 
 Layers are independent blocks (block-diagonal G). Tracked parameters outside supported layers
 (other module types, grouped or ``padding="same"`` convolutions, a bias tracked without its
-weight) fall back to the exact diagonal of G, (1/n) Σ_{i,c} (J_iᵀ L_ic)², with a log message.
+weight) fall back to the diagonal of G, (1/n) Σ_{i,c} (J_iᵀ L_ic)², with a log message.
 Both solvers approximate the Gauss-Newton matrix whatever the Influence's ``curvature``; their
 reports say so (``curvature="gauss-newton"`` and a note when the operator's is the Hessian).
 
@@ -506,8 +513,9 @@ class KFAC(ApproximateInverse):
     def _notes(self) -> tuple[str, ...]:
         notes = super()._notes()
         if self.samples is not None:
-            notes += (f"factors estimated from {self.samples} random-sign pullback(s) per "
-                      "example (unbiased), not the exact expectation",)
+            notes += (f"factors (and the Gauss-Newton diagonal of other parameters) estimated "
+                      f"from {self.samples} random-sign pullback(s) per example (unbiased), "
+                      "not the exact expectation",)
         return notes
 
     def _details(self) -> dict[str, float]:
