@@ -75,17 +75,28 @@ def _truth(args: argparse.Namespace, share: tuple[int, int]):
                               progress=share == (0, 1), share=share)
 
 
-def _members(args: argparse.Namespace, problem) -> list[torch.nn.Module]:
-    """The problem's model and members − 1 more, trained on all points (cached)."""
-    X, y, _, _ = problem_module._digits()
+def _member_path(args: argparse.Namespace, seed: int) -> Path:
     folder = Path(args.out) / "lds-mlp-members"
     folder.mkdir(parents=True, exist_ok=True)
-    models = [problem.model]
+    return folder / f"member-{seed}-polish-{args.polish}.pt"
+
+
+def _train_members(args: argparse.Namespace, share: tuple[int, int]) -> None:
+    """Train (and cache) the ensemble members of this share that are missing."""
+    X, y, _, _ = problem_module._digits()
     for seed in range(1, args.members):
-        path = folder / f"member-{seed}-polish-{args.polish}.pt"
-        if not path.exists():
+        path = _member_path(args, seed)
+        if seed % share[1] == share[0] and not path.exists():
             model, info = problem_module.train_model(X, y, seed, args.polish)
             problem_module.atomic_save({"state": model.state_dict(), "info": info}, path)
+
+
+def _members(args: argparse.Namespace, problem) -> list[torch.nn.Module]:
+    """The problem's model and members − 1 more, trained on all points (cached)."""
+    _train_members(args, (0, 1))
+    models = [problem.model]
+    for seed in range(1, args.members):
+        path = _member_path(args, seed)
         model = problem_module.build_model()
         model.load_state_dict(torch.load(path, weights_only=True)["state"])
         models.append(model.float().eval())
@@ -131,6 +142,7 @@ def main() -> None:
     if args.worker is not None:
         torch.set_num_threads(1)
         _truth(args, (args.worker, args.workers))
+        _train_members(args, (args.worker, args.workers))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -153,16 +153,46 @@ def test_per_token_scores_sum_to_the_sequence_score_and_match_token_gradients() 
 class _WholeOutputHessian(ik.CausalLMObjective):
     """The same loss, without saying that its output Hessian is block diagonal."""
 
-    def position_hessians(self, outputs: Tensor, targets: Tensor) -> None:
+    def position_hessian_roots(self, outputs: Tensor, targets: Tensor) -> None:
+        return None
+
+    def position_root_times(self, outputs: Tensor, targets: Tensor, vectors: Tensor) -> None:
         return None
 
 
-@pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC(samples=3),
-                                    ik.solvers.KFAC(samples=2, refine=0)])
+def test_the_causal_lm_output_hessian_roots_are_roots_of_each_positions_hessian() -> None:
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, LENGTH, VOCABULARY, generator=g, dtype=torch.float64)
+    labels = torch.randint(VOCABULARY, (3, LENGTH), generator=g)
+    labels[1, 3:] = -100
+    objective = ik.CausalLMObjective()
+    roots = objective.position_hessian_roots(logits, labels)
+
+    def loss(flat: Tensor, target: Tensor) -> Tensor:
+        return objective.train_loss(flat.reshape(1, LENGTH, VOCABULARY), target[None]).sum()
+
+    for b in range(3):  # the dense Hessian of the whole sequence loss, block by block
+        dense = torch.func.hessian(loss)(logits[b].reshape(-1), labels[b])
+        blocks = dense.reshape(LENGTH, VOCABULARY, LENGTH, VOCABULARY)
+        for t in range(LENGTH):
+            torch.testing.assert_close(roots[b, t] @ roots[b, t].T, blocks[t, :, t],
+                                       rtol=1e-12, atol=1e-14)
+            for u in range(LENGTH):
+                if u != t:
+                    assert blocks[t, :, u].abs().max() == 0
+    z = torch.randn(2, 3, LENGTH, VOCABULARY, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(objective.position_root_times(logits, labels, z),
+                               torch.einsum("btvc,rbtc->rbtv", roots, z), rtol=1e-12,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC(),
+                                    ik.solvers.KFAC(refine=0)])
 def test_per_position_output_hessian_blocks_give_the_factors_of_the_whole_hessian(
         solver: ik.solvers.Solver) -> None:
-    """K-FAC forms the causal LM's output Hessian per position (V × V blocks) instead of
-    whole (T·V × T·V); the factors, the fallback diagonal and the scores are the same."""
+    """K-FAC takes the causal LM's output Hessian per position (V × V roots in closed form)
+    instead of whole (T·V × T·V, symmetric root); the exact expectations do not depend on the
+    root, so factors, fallback diagonal and scores are the same."""
     problem = _problem()
     labels = problem.y.clone()
     labels[2, 3:] = -100
@@ -173,6 +203,20 @@ def test_per_position_output_hessian_blocks_give_the_factors_of_the_whole_hessia
                            solver=copy.deepcopy(solver), damping=0.05,
                            stationarity_tol=None).fit()
         scores.append(inf.influence(problem.test))
-    # the roots of eigenvalues at round-off level (≈ K·ε·‖H‖, zeroed by a floor that differs
-    # between a V × V block and the whole T·V × T·V matrix) are ≈ √ε: the paths agree to that
-    torch.testing.assert_close(scores[0], scores[1], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-7, atol=1e-9)
+
+
+def test_random_sign_factors_with_closed_form_roots_approach_the_exact_ones() -> None:
+    """With samples=r the per-position combinations L_t ξ_t are an unbiased estimate: the
+    scores approach the exact expectation's as r grows."""
+    problem = _problem()
+    errors = []
+    exact = ik.Influence(problem.model, problem.objective, problem.train,
+                         solver=ik.solvers.KFAC(), damping=0.05,
+                         stationarity_tol=None).fit().influence(problem.test)
+    for samples in (4, 256):
+        estimate = ik.Influence(problem.model, problem.objective, problem.train,
+                                solver=ik.solvers.KFAC(samples=samples), damping=0.05,
+                                stationarity_tol=None).fit().influence(problem.test)
+        errors.append(relative_error(estimate, exact))
+    assert errors[1] < errors[0] / 3 and errors[1] < 0.05, errors

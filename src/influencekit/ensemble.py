@@ -54,16 +54,16 @@ class Ensemble:
 
     @classmethod
     def fit(cls, models: Sequence[nn.Module], objective: Objective, train: Any,
-            progress: Callable[[int], None] | None = None, **settings: Any) -> Ensemble:
+            on_fitted: Callable[[int], None] | None = None, **settings: Any) -> Ensemble:
         """Fit one ``Influence(model, objective, train, **settings)`` per model.
 
-        ``progress``: called with each member's number after it is fitted (optional).
+        ``on_fitted``: called with each member's number after it is fitted (optional).
         """
         members = []
         for k, model in enumerate(models):
             members.append(Influence(model, objective, train, **settings).fit())
-            if progress is not None:
-                progress(k)
+            if on_fitted is not None:
+                on_fitted(k)
         return cls(members)
 
     def __len__(self) -> int:

@@ -107,12 +107,23 @@ class Objective(ABC):
         """
         _check_batch(outputs, targets, type(self).__name__)
 
-    def position_hessians(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+    def position_hessian_roots(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
         """``(b, T, V, V)`` if ℓ is a sum over positions t of terms that each depend on the
-        outputs at t only (outputs ``(b, T, V)``): the Hessian of ℓ in f_t, one V × V block per
-        position, the output Hessian being block diagonal. ``None`` (the default): no such
-        structure, the K × K output Hessian is formed whole (K = outputs per example)."""
+        outputs at t only (outputs ``(b, T, V)``): a square root L_t of the Hessian of ℓ in f_t,
+        L_t L_tᵀ = ∇²_{f_t} ℓ, one V × V block per position (the output Hessian being block
+        diagonal). Any root serves: K-FAC's expectations are the same for every root.
+        ``None`` (the default): no such structure; the K × K output Hessian is formed whole."""
         return None
+
+    def position_root_times(self, outputs: Tensor, targets: Tensor,
+                            vectors: Tensor) -> Tensor | None:
+        """``(r, b, T, V)``: L_t z for each of r vectors z ``(r, b, T, V)`` at each position,
+        with the roots of :meth:`position_hessian_roots` (``None`` if it gives none). Override
+        with a closed form to avoid forming the V × V roots."""
+        roots = self.position_hessian_roots(outputs, targets)
+        if roots is None:
+            return None
+        return torch.einsum("btvc,rbtc->rbtv", roots, vectors)
 
     @property
     def uniform_weight_decay(self) -> float | None:
@@ -445,19 +456,29 @@ class CausalLMObjective(Objective):
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return self.token_losses(outputs, targets).sum(dim=1)
 
-    def position_hessians(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """``(b, T, V, V)``: at each logit position t that predicts a counted token,
-        ∇²_{f_t} ℓ = diag(p_t) − p_t p_tᵀ with p_t = softmax(f_t); zero elsewhere (the last
-        position when shifted, and positions whose target is ``ignore_index``)."""
+    def _counted_positions(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``(b, T)`` 1.0 at each logit position that predicts a counted token, else 0.0."""
         labels = targets.long()
+        if not self.shift:
+            return (labels != self.ignore_index).to(outputs.dtype)
         counted = torch.zeros(labels.shape, dtype=outputs.dtype, device=outputs.device)
-        if self.shift:
-            counted[:, :-1] = (labels[:, 1:] != self.ignore_index).to(outputs.dtype)
-        else:
-            counted = (labels != self.ignore_index).to(outputs.dtype)
+        counted[:, :-1] = (labels[:, 1:] != self.ignore_index).to(outputs.dtype)
+        return counted
+
+    def position_hessian_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``(b, T, V, V)``: L_t = diag(√p_t) − p_t √p_tᵀ with p_t = softmax(f_t), at each
+        logit position that predicts a counted token (zero elsewhere). L_t L_tᵀ =
+        diag(p_t) − p_t p_tᵀ (as Σ_v p_tv = 1), the Hessian of −log softmax(f_t)[y] in f_t."""
         p = torch.softmax(outputs.detach(), dim=-1)
-        blocks = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-        return blocks * counted[:, :, None, None]
+        roots = torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)
+        return roots * self._counted_positions(outputs, targets)[:, :, None, None]
+
+    def position_root_times(self, outputs: Tensor, targets: Tensor, vectors: Tensor) -> Tensor:
+        """``(r, b, T, V)``: L_t z = √p_t ⊙ z − p_t (√p_t · z), O(V) per position."""
+        p = torch.softmax(outputs.detach(), dim=-1)
+        root = p.sqrt()
+        products = root * vectors - p * (root * vectors).sum(dim=-1, keepdim=True)
+        return products * self._counted_positions(outputs, targets)[:, :, None]
 
     def test_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         loss = self.train_loss(outputs, targets)

@@ -51,10 +51,11 @@ same factors in any chunking and any number of processes. The fallback diagonal 
 estimated from the same combinations.
 
 An objective whose loss is a sum over output positions of terms in that position's outputs
-only (a language model's tokens: :meth:`~influencekit.Objective.position_hessians`) has a
-block-diagonal output Hessian: L_i is rooted one V × V block at a time instead of as a
-T·V × T·V matrix, and with ``samples`` the combinations are formed per block, so their cost
-does not grow with T·V.
+only (a language model's tokens: :meth:`~influencekit.Objective.position_hessian_roots`) has a
+block-diagonal output Hessian: its root is given one V × V block at a time instead of as a
+T·V × T·V matrix (any root: every expectation above is quadratic in L, so the same for all
+roots), and with ``samples`` the combinations L_t ξ_t are formed per position, for the causal
+LM in closed form, so their cost does not grow with T·V.
 
 Layers are independent blocks (block-diagonal G). Tracked parameters outside supported layers
 (other module types, grouped or ``padding="same"`` convolutions, a bias tracked without its
@@ -290,14 +291,14 @@ class KFAC(ApproximateInverse):
         """L with ∇²_f ℓ_i = L_i L_iᵀ, shape (K, b, *output_shape[1:]) (K = outputs per example).
 
         L_i is the symmetric root. With an objective whose output Hessian is block diagonal
-        over positions (:meth:`Objective.position_hessians`), the roots are taken per V × V
-        block and column (t, c) of L_i is nonzero at position t only.
+        over positions (:meth:`Objective.position_hessian_roots`), the objective's root of
+        each V × V block is used and column (t, c) of L_i is nonzero at position t only.
         """
         objective = self.operator.gradients.objective
         b = outputs.shape[0]
-        positions = objective.position_hessians(outputs.detach(), y)
-        if positions is not None:
-            roots = _symmetric_roots(positions).to(outputs.dtype)  # (b, T, V, V)
+        roots = objective.position_hessian_roots(outputs.detach(), y)
+        if roots is not None:
+            roots = roots.to(outputs.dtype)  # (b, T, V, V)
             T, V = roots.shape[1], roots.shape[2]
             full = torch.zeros(T, V, b, T, V, dtype=outputs.dtype, device=outputs.device)
             for t in range(T):  # column (t, c) of L_i: root_t[:, c] at position t
@@ -318,19 +319,18 @@ class KFAC(ApproximateInverse):
         ``samples=r`` their r random-sign combinations Σ_c ξ_c L_ic / √r, ``(K or r, b, ...)``.
 
         With per-position blocks and ``samples`` the combinations are formed block by block,
-        never the (K, b, T, V) layout: Σ_(t,c) ξ_(t,c) L[:, (t,c)] has root_t ξ_t at position t.
+        never the (K, b, T, V) layout: Σ_(t,c) ξ_(t,c) L[:, (t,c)] has L_t ξ_t at position t
+        (:meth:`Objective.position_root_times`, a closed form for the causal LM: O(V) each).
         """
         objective = self.operator.gradients.objective
         indices = torch.arange(rows.start, rows.stop, device=outputs.device)
-        if self.samples is not None:
-            positions = objective.position_hessians(outputs.detach(), y)
-            if positions is not None:
-                roots = _symmetric_roots(positions).to(outputs.dtype)  # (b, T, V, V)
-                b, T, V = roots.shape[:3]
-                signs = rademacher(indices, T * V, self.samples, self.seed)
-                signs = signs.to(roots.dtype).reshape(self.samples, b, T, V)
-                combined = torch.einsum("btvc,rbtc->rbtv", roots, signs)
-                return combined / math.sqrt(self.samples)
+        if self.samples is not None and outputs.dim() == 3:
+            b, T, V = outputs.shape
+            signs = rademacher(indices, T * V, self.samples, self.seed)
+            signs = signs.to(outputs.dtype).reshape(self.samples, b, T, V)
+            combined = objective.position_root_times(outputs.detach(), y, signs)
+            if combined is not None:
+                return combined.to(outputs.dtype) / math.sqrt(self.samples)
         roots = self._output_hessian_roots(outputs, y)  # (K, b, ...)
         if self.samples is None:
             return roots
