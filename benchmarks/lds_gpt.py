@@ -224,7 +224,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--skip", nargs="*", default=[])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="skip methods whose name contains one of these words; the rows "
+                             "run are merged into the existing JSON")
     args = parser.parse_args()
     ids, queries, vocabulary = sequences(args.train, args.queries)
 
@@ -284,6 +286,11 @@ def main() -> None:
     for name, work in methods.items():
         if not any(word in name for word in args.skip):
             table.record(name, work)
+    path = out / "lds_gpt.json"
+    rows = {row["method"]: row for row in (json.loads(path.read_text())["rows"]
+                                           if path.exists() and args.skip else [])}
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    rows.update({row["method"]: row | {"measured": stamp} for row in table.rows})
     payload = {"benchmark": "lds_gpt", "settings": vars(args) | {
                    "vocabulary": vocabulary, "length": LENGTH, "recipe": RECIPE,
                    "parameters": sum(p.numel() for p in model.parameters()),
@@ -291,9 +298,9 @@ def main() -> None:
                "ground_truth": {"subsets": args.subsets, "fraction": 0.5,
                                 "folder": str(ground_truth.folder),
                                 "seconds_this_run": truth_seconds},
-               "versions": lds_common.versions(), "rows": table.rows}
-    (out / "lds_gpt.json").write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out / 'lds_gpt.json'}")
+               "versions": lds_common.versions(), "rows": list(rows.values())}
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {path}" + (" (rows merged into the earlier run)" if args.skip else ""))
 
 
 if __name__ == "__main__":

@@ -164,3 +164,16 @@ def test_labels_in_the_batch_are_the_targets_and_other_outputs_are_refused() -> 
         model_output(("not", "a tensor"))
     with pytest.raises(ik.InputTypeError, match="input_ids"):
         causal_lm_batch({"pixel_values": ids})
+
+
+def test_only_tokenizer_keys_get_the_default_mapping() -> None:
+    """A dict with another key (a classification dataset's "label") is the user's to map:
+    guessing would train on the wrong targets."""
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ik.InputTypeError, match="batch_fn"):
+        ik.Influence(nn.Linear(3, 2), ik.CrossEntropyObjective(),
+                     {"input_ids": ids, "label": torch.tensor([1])})
+    classification = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                      "labels": torch.tensor([1])}
+    inputs, targets = causal_lm_batch(classification)  # HF's "labels" are the targets as given
+    assert set(inputs) == {"input_ids", "attention_mask"} and targets.tolist() == [1]

@@ -47,7 +47,7 @@ from .errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
-from .huggingface import causal_lm_batch, is_language_model_batch
+from .huggingface import LANGUAGE_MODEL_KEYS, causal_lm_batch, is_language_model_batch
 from .inputs import Inputs, as_inputs, as_tensor, batch_size, convert, leaves, rows_of, signature
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -111,9 +111,16 @@ class ExampleSet:
                 )
             self._tensors = (X, y)
         else:
+            hint = ""
+            if isinstance(data, dict):
+                hint = (f" A dict is taken as a tokenizer's output (targets made by "
+                        f"influencekit.huggingface.causal_lm_batch) only when it has input_ids "
+                        f"and no keys but {sorted(LANGUAGE_MODEL_KEYS)}; this one has "
+                        f"{sorted(data)}. Pass (inputs, targets) instead, or a Dataset with "
+                        "batch_fn=... mapping a batch to (inputs, targets).")
             raise InputTypeError(
                 f"{name} must be a pair (X, y) of tensors, a Dataset of (input, target) pairs, an "
-                f"IterableDataset or a DataLoader; got {type(data).__name__}."
+                f"IterableDataset or a DataLoader; got {type(data).__name__}.{hint}"
             )
         if len(self) == 0:
             raise EmptyDatasetError(f"{name} has no examples; at least one is needed.")

@@ -7,7 +7,8 @@ follows them works the same way.
 
 - :func:`model_output`: the tensor of a model's return value (itself, or its ``.logits``).
 - :func:`causal_lm_batch`: the default mapping of a dict batch to ``(inputs, targets)`` for causal
-  language models, used whenever a batch is a dict with ``input_ids`` and no ``batch_fn`` is given.
+  language models, used whenever a batch is a dict with ``input_ids`` (and no keys but a
+  tokenizer's and ``labels``) and no ``batch_fn`` is given.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from torch import Tensor
 from .errors import InputTypeError
 
 IGNORE_INDEX = -100  # transformers' and torch's cross-entropy default
+# the keys a tokenizer and a language-model collator produce; a dict with any other key (a
+# "label" of a classification dataset, an image) needs the user's batch_fn
+LANGUAGE_MODEL_KEYS = frozenset({"input_ids", "attention_mask", "labels", "token_type_ids",
+                                 "position_ids"})
 
 
 def model_output(result: Any) -> Tensor:
@@ -40,8 +45,10 @@ def model_output(result: Any) -> Tensor:
 
 
 def is_language_model_batch(batch: Any) -> bool:
-    """Whether ``batch`` is a dict batch of a language model (it has ``input_ids``)."""
-    return isinstance(batch, Mapping) and "input_ids" in batch
+    """Whether ``batch`` is a dict batch of a language model: it has ``input_ids`` and no key
+    but those of :data:`LANGUAGE_MODEL_KEYS` (anything else is the user's to map)."""
+    return (isinstance(batch, Mapping) and "input_ids" in batch
+            and set(batch) <= LANGUAGE_MODEL_KEYS)
 
 
 def causal_lm_batch(batch: Mapping[str, Any],
@@ -54,7 +61,8 @@ def causal_lm_batch(batch: Mapping[str, Any],
     :class:`~influencekit.CausalLMObjective` skips. Shapes: ``(b, T)`` each.
     """
     if not is_language_model_batch(batch):
-        raise InputTypeError(f"A language-model batch is a dict with 'input_ids'; got "
+        raise InputTypeError(f"A language-model batch is a dict with 'input_ids' and only the "
+                             f"keys {sorted(LANGUAGE_MODEL_KEYS)}; got "
                              f"{type(batch).__name__}"
                              + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping)
                                 else "") + ".")
