@@ -39,9 +39,11 @@ def model_output(result: Any) -> Tensor:
     if isinstance(logits, Tensor):
         return logits
     raise InputTypeError(
-        f"The model returned a {type(result).__name__}; influencekit needs a tensor of outputs "
-        "or an object with a .logits tensor (as Hugging Face models return). Wrap the model so "
-        "that forward returns the tensor the objective takes.")
+        f"The model returned a {type(result).__name__}; influencekit needs one tensor of "
+        "outputs per batch (logits, scores or predictions), or an object with a .logits tensor "
+        "(as Hugging Face models return). Wrap the model so that it returns that tensor, e.g. "
+        "for outputs[0]: class Logits(nn.Module): def __init__(self, m): super().__init__(); "
+        "self.m = m; def forward(self, x): return self.m(x)[0]. Then pass Logits(model).")
 
 
 def is_language_model_batch(batch: Any) -> bool:
