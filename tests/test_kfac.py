@@ -67,6 +67,24 @@ def test_exact_for_a_linear_layer_on_sequences_with_squared_error(
                                rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC(),
+                                    ik.solvers.KFAC(refine=0)])
+def test_an_embedding_is_a_kronecker_block_exact_with_squared_error(
+        solver: ik.solvers.Solver) -> None:
+    """nn.Embedding is the Linear map of one-hot tokens: its input factor is the diagonal of
+    token counts, and with squared error on (b, T, d) outputs the Gauss-Newton matrix is that
+    factor ⊗ c·I, which K-FAC recovers exactly (as a block, not a fallback diagonal)."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randint(7, (25, 5), generator=g)
+    y = torch.randn(25, 5, 3, generator=g, dtype=torch.float64)
+    problem = _problem(nn.Embedding(7, 3), ik.MSEObjective(weight_decay=0.01), X, y)
+    op = make_operator(problem, damping=0.05)
+    copy = type(solver)(refine=solver.refine)
+    torch.testing.assert_close(_approximation(copy, op), dense_gauss_newton(problem, 0.05),
+                               rtol=1e-9, atol=1e-11)
+    assert copy.fallback_.numel() == 0 and len(copy.blocks_) == 1
+
+
 @pytest.mark.parametrize("solver", [ik.solvers.KFAC(), ik.solvers.EKFAC()])
 def test_exact_for_a_convolution_that_sees_the_whole_image(solver: ik.solvers.Solver) -> None:
     """A 3×3 kernel on a 3×3 image has one position (T = 1): the Linear case again."""

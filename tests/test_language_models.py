@@ -220,3 +220,21 @@ def test_random_sign_factors_with_closed_form_roots_approach_the_exact_ones() ->
                                 stationarity_tol=None).fit().influence(problem.test)
         errors.append(relative_error(estimate, exact))
     assert errors[1] < errors[0] / 3 and errors[1] < 0.05, errors
+
+
+def test_the_token_embedding_is_a_block_and_the_position_embedding_is_not() -> None:
+    """The position embedding is called on arange(T), without the batch dimension: its
+    per-example gradient cannot be split from its inputs, so it is another parameter. The token
+    embedding is a Kronecker block, and layer scoring through it equals per-example gradients."""
+    problem = _problem()
+    settings = {"solver": "direct", "damping": 0.05, "curvature": "gauss-newton",
+                "stationarity_tol": None}
+    layered = ik.Influence(problem.model, problem.objective, problem.train, scoring="layers",
+                           **settings).fit()
+    assert "positions" in layered.tracked_.indirect_layers
+    assert "tokens" not in layered.tracked_.indirect_layers
+    plain = ik.Influence(problem.model, problem.objective, problem.train,
+                         scoring="gradients", **settings).fit()
+    torch.testing.assert_close(layered.influence(problem.test), plain.influence(problem.test),
+                               rtol=1e-9, atol=1e-12)
+    assert layered.last_scoring_report.layers.get("tokens") is not None

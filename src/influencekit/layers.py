@@ -1,4 +1,5 @@
-"""Linear and Conv2d layers among the tracked parameters, and their inputs and output gradients.
+"""Linear, Conv2d and Embedding layers among the tracked parameters, their inputs and output
+gradients.
 
 For such a layer the gradient of its weights (bias folded in as a trailing input 1) at one
 example is a sum of outer products, G = Σ_t s_t a_tᵀ, of its inputs a_t and the gradients s_t
@@ -6,7 +7,9 @@ with respect to its outputs, over the T positions t (the pixels of a convolution
 dimensions of a Linear input; T = 1 otherwise). K-FAC builds its factors from a and s, and the
 Kronecker projection of a gradient store projects them, without forming G. This module finds
 the layers, runs the model with hooks that capture a and the outputs z, and puts a and ∂/∂z in
-the (b, T, in) and (K, b, T, out) layouts. A layer called several times in one forward pass
+the (b, T, in) and (K, b, T, out) layouts. An nn.Embedding is the Linear map of one-hot token
+vectors (in = vocabulary, out = embedding size, weight stored transposed), so its input factor
+is diagonal. A layer called several times in one forward pass
 (weights shared between uses) contributes every call: its gradient is the sum over the calls,
 so the calls' positions are concatenated along t.
 """
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inputs import Inputs
+from .inputs import Inputs, batch_size, rows_of
 from .parameters import TrackedParameters
 
 
@@ -35,6 +38,7 @@ class LayerBlock:
     in_features: int  # including the bias column
     name: str = ""
     captured: dict[str, Tensor] = field(default_factory=dict)
+    transposed: bool = False  # the weight is stored (in, out), as nn.Embedding's (V, d)
 
 
 def offsets(names: list[str], numels: list[int]) -> dict[str, slice]:
@@ -46,10 +50,19 @@ def offsets(names: list[str], numels: list[int]) -> dict[str, slice]:
     return out
 
 
+EMBEDDING_LIMIT = 4096  # vocabularies up to this size get a block (one-hot inputs are dense)
+
+
 def supported(module: nn.Module) -> bool:
-    """Linear, and Conv2d without groups, non-zero padding modes or ``padding="same"``."""
+    """Linear; Conv2d without groups, non-zero padding modes or ``padding="same"``; and
+    nn.Embedding of at most :data:`EMBEDDING_LIMIT` rows without ``padding_idx`` (its row gets
+    no gradient), ``max_norm``, ``scale_grad_by_freq`` or sparse gradients."""
     if isinstance(module, nn.Linear):
         return True
+    if isinstance(module, nn.Embedding):
+        return (module.padding_idx is None and module.max_norm is None
+                and not module.scale_grad_by_freq and not module.sparse
+                and module.num_embeddings <= EMBEDDING_LIMIT)
     return (isinstance(module, nn.Conv2d) and module.groups == 1
             and module.padding_mode == "zeros" and not isinstance(module.padding, str))
 
@@ -65,6 +78,11 @@ def find_blocks(tracked: TrackedParameters, block_type: type[LayerBlock] = Layer
         name_w = f"{prefix}.weight" if prefix else "weight"
         name_b = f"{prefix}.bias" if prefix else "bias"
         if not supported(module) or name_w not in where or prefix in tracked.indirect_layers:
+            continue
+        if isinstance(module, nn.Embedding):  # a Linear map of one-hot token vectors
+            blocks.append(block_type(module, where[name_w], None, module.embedding_dim,
+                                     module.num_embeddings, prefix, transposed=True))
+            covered.add(name_w)
             continue
         bias = where.get(name_b) if module.bias is not None else None
         in_features = module.weight[0].numel() + (1 if bias is not None else 0)
@@ -103,6 +121,9 @@ def forward_with_capture(tracked: TrackedParameters, theta: Tensor, X: Tensor,
 
 def _call_activations(block: LayerBlock, a: Tensor) -> Tensor:
     module = block.module
+    if isinstance(module, nn.Embedding):  # token ids (b, ...) -> one-hot rows (b, T, V)
+        one_hot = F.one_hot(a.long(), module.num_embeddings).to(module.weight.dtype)
+        return one_hot.reshape(a.shape[0], -1, module.num_embeddings)
     if isinstance(module, nn.Conv2d):
         a = F.unfold(a, module.kernel_size, module.dilation, module.padding,
                      module.stride).transpose(1, 2)
@@ -173,7 +194,9 @@ def indirect_layers(tracked: TrackedParameters, theta: Tensor, X: Inputs,
 
     That happens when the forward pass uses a layer's weight without calling the layer (as
     ``nn.MultiheadAttention`` does with its ``out_proj``, through ``F.linear`` on the weight),
-    or uses it both ways. Layer-structured methods (K-FAC's factors, layer scoring, Kronecker
+    uses it both ways (a tied embedding and output layer), or calls the layer on an input
+    without the batch dimension (a position embedding of ``arange(T)``). Layer-structured
+    methods (K-FAC's factors, layer scoring, Kronecker
     projections) would silently miss those uses, so such layers are treated like any other
     parameter. ``loss(outputs)`` is the summed training loss of the batch (a scalar).
     """
@@ -184,17 +207,27 @@ def indirect_layers(tracked: TrackedParameters, theta: Tensor, X: Inputs,
     def summed(outputs: Tensor) -> tuple[Tensor, None]:
         return loss(outputs), None
 
+    b = batch_size(X)
+    unbatched = set()  # layers whose calls do not carry the batch dimension, seen on two sizes
+    for rows in ([slice(0, b), slice(0, b - 1)] if b > 1 else [slice(0, b)]):
+        for block in blocks:
+            block.captured.clear()
+        forward_with_capture(tracked, theta, rows_of(X, rows), blocks)
+        size = rows.stop - rows.start
+        unbatched |= {block.name for block in blocks
+                      if any(a.shape[0] != size for a in block.captured.get("a", []))}
+    for block in blocks:
+        block.captured.clear()
+    blocks = [block for block in blocks if block.name not in unbatched]
     signals = layer_signals(tracked, theta, X, blocks, summed)[1]
     theta = theta.detach().requires_grad_(True)
     with torch.enable_grad():
         true, = torch.autograd.grad(loss(tracked.forward(theta, X)), theta)
     tolerance = 1e-8 if theta.dtype == torch.float64 else 1e-3
-    found = []
+    found = sorted(unbatched)
     for block, (a, s) in zip(blocks, signals, strict=True):
         G = torch.einsum("bto,bti->oi", s[0], a)  # (out, in), bias column last
-        expected = true[block.weight].reshape(block.out_features, -1)
-        if block.bias is not None:
-            expected = torch.cat([expected, true[block.bias][:, None]], dim=1)
+        expected = weight_matrix(block, true[None])[0]
         scale = float(expected.norm()) + float(G.norm())
         if float((G - expected).norm()) > tolerance * max(scale, 1e-30):
             found.append(block.name)
@@ -204,6 +237,9 @@ def indirect_layers(tracked: TrackedParameters, theta: Tensor, X: Inputs,
 def weight_matrix(block: LayerBlock, V: Tensor) -> Tensor:
     """Rows of V (k, p) restricted to the block as (k, out, in) matrices, bias column last."""
     k = V.shape[0]
+    if block.transposed:
+        return V[:, block.weight].reshape(k, block.in_features, block.out_features) \
+            .transpose(1, 2)
     W = V[:, block.weight].reshape(k, block.out_features, -1)
     if block.bias is not None:
         W = torch.cat([W, V[:, block.bias].reshape(k, block.out_features, 1)], dim=2)

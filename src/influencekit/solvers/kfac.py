@@ -272,9 +272,7 @@ class KFAC(ApproximateInverse):
             if not isinstance(decay, Tensor):
                 block.decay = float(decay)
                 continue
-            weight = decay[block.weight].reshape(block.out_features, -1)[0]
-            columns = weight if block.bias is None else torch.cat(
-                [weight, decay[block.bias][:1]])
+            columns = weight_matrix(block, decay[None])[0][0]  # (in,), bias column last
             block.decay = ((block.Q_A.pow(2) * columns[:, None]).sum(dim=0))[None, :]
 
     def _fallback_decay(self) -> Tensor | float:
@@ -503,6 +501,8 @@ class KFAC(ApproximateInverse):
                 if block.bias is not None:
                     out[rows, block.bias] = W[:, :, -1]
                     W = W[:, :, :-1]
+                if block.transposed:
+                    W = W.transpose(1, 2)
                 out[rows, block.weight] = W.reshape(W.shape[0], -1)
         if self.fallback_ is not None and self.fallback_.numel():
             shift = self._fallback_decay() + damping
