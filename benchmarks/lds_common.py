@@ -4,14 +4,19 @@ the record of versions. Only torch, numpy and influencekit are imported here."""
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import platform
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import influencekit as ik
+from influencekit.io import atomic_write_json
 from influencekit.validation import SubsetGroundTruth, linear_datamodeling_score
 
 
@@ -62,3 +67,24 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             found[package] = None
     return found
+
+
+def run_workers(count: int) -> None:
+    """Run this script ``count`` times more, with its own arguments and ``--worker i``, and
+    wait for all (each fills its share of the ground truth; see retrain_on_subsets)."""
+    if count <= 1:
+        return
+    workers = [subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:], "--worker", str(i)])
+               for i in range(count)]
+    for worker in workers:
+        worker.wait()
+
+
+def write_result(path: Path, payload: dict, rows: list[dict], merge: bool) -> None:
+    """Write ``payload`` with its rows to ``path`` atomically, each row stamped with the time
+    it was measured. ``merge``: keep the rows of the file already there that were not rerun."""
+    kept = {row["method"]: row for row in (json.loads(path.read_text())["rows"]
+                                           if merge and path.exists() else [])}
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    kept.update({row["method"]: row | {"measured": stamp} for row in rows})
+    atomic_write_json(path, payload | {"rows": list(kept.values())})

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -248,11 +246,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if args.workers > 1:
-        workers = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i)])
-                   for i in range(args.workers)]
-        for worker in workers:
-            worker.wait()
+    lds_common.run_workers(args.workers)
     ground_truth = truth((0, 1))
     truth_seconds = time.perf_counter() - started
     torch.set_num_threads(2)
@@ -287,10 +281,6 @@ def main() -> None:
         if not any(word in name for word in args.skip):
             table.record(name, work)
     path = out / "lds_gpt.json"
-    rows = {row["method"]: row for row in (json.loads(path.read_text())["rows"]
-                                           if path.exists() and args.skip else [])}
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    rows.update({row["method"]: row | {"measured": stamp} for row in table.rows})
     payload = {"benchmark": "lds_gpt", "settings": vars(args) | {
                    "vocabulary": vocabulary, "length": LENGTH, "recipe": RECIPE,
                    "parameters": sum(p.numel() for p in model.parameters()),
@@ -298,8 +288,8 @@ def main() -> None:
                "ground_truth": {"subsets": args.subsets, "fraction": 0.5,
                                 "folder": str(ground_truth.folder),
                                 "seconds_this_run": truth_seconds},
-               "versions": lds_common.versions(), "rows": list(rows.values())}
-    path.write_text(json.dumps(payload, indent=1))
+               "versions": lds_common.versions()}
+    lds_common.write_result(path, payload, table.rows, merge=bool(args.skip))
     print(f"wrote {path}" + (" (rows merged into the earlier run)" if args.skip else ""))
 
 

@@ -23,8 +23,6 @@ matrix. Run in the benchmark environment (``make bench``):
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -147,11 +145,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if args.workers > 1:
-        workers = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i)])
-                   for i in range(args.workers)]
-        for worker in workers:
-            worker.wait()
+    lds_common.run_workers(args.workers)
     truth = _truth(args, (0, 1))  # trains whatever a worker left
     truth_seconds = time.perf_counter() - started
     problem = problem_module.load(problem_module.prepare(out))
@@ -180,16 +174,12 @@ def main() -> None:
             record(f"dattri-trak over {len(models)} models",
                    lambda: dattri_methods.trak(problem, states), members=len(models))
     path = out / "lds_mlp.json"
-    rows = {row["method"]: row for row in (json.loads(path.read_text())["rows"]
-                                           if path.exists() and args.methods else [])}
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    rows.update({row["method"]: row | {"measured": stamp} for row in table.rows})
     payload = {"benchmark": "lds_mlp", "settings": vars(args) | problem_module.SETTINGS,
                "ground_truth": {"subsets": args.subsets, "fraction": 0.5,
                                 "seeds_per_subset": args.seeds, "folder": str(truth.folder),
                                 "seconds_this_run": truth_seconds},
-               "versions": lds_common.versions(), "rows": list(rows.values())}
-    path.write_text(json.dumps(payload, indent=1))
+               "versions": lds_common.versions()}
+    lds_common.write_result(path, payload, table.rows, merge=bool(args.methods))
     print(f"wrote {path} ({'rows merged into the earlier run' if args.methods else 'all rows'})")
 
 
