@@ -388,15 +388,7 @@ class Influence:
         name = data.name
         check_finite(X, y, rows, name)
         with torch.no_grad():
-            outputs = gradients.tracked.forward(theta, X)
-            if not isinstance(outputs, Tensor):
-                raise InputTypeError(
-                    f"The model returned a {type(outputs).__name__}; influencekit needs one "
-                    "tensor of outputs per batch (logits, scores or predictions). Wrap the "
-                    "model so that it returns that tensor, e.g. for outputs[0]: "
-                    "class Logits(nn.Module): def __init__(self, m): super().__init__(); "
-                    "self.m = m; def forward(self, x): return self.m(x)[0]. Then pass "
-                    "Logits(model).")
+            outputs = gradients.tracked.forward(theta, X)  # a tensor (huggingface.model_output)
             try:
                 self.objective.check(outputs, y)
             except ObjectiveMismatchError as error:
