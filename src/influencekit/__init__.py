@@ -28,6 +28,7 @@ from .errors import (
     StationarityWarning,
     UnknownParameterError,
     UnknownSolverError,
+    UnsupportedEstimatorError,
     UnsupportedModelError,
 )
 from .influence import Influence, TopK
@@ -38,8 +39,10 @@ from .objective import (
     MSEObjective,
     Objective,
     SmoothHingeObjective,
+    SquaredHingeObjective,
 )
 from .projection import KroneckerProjection, RandomProjection
+from .scikit import from_sklearn, sklearn_data
 from .solvers import CG, EKFAC, KFAC, Arnoldi, Deflated, Direct, LiSSA, SolveReport
 from .store import GradientStore, ScoreStore, open_store
 from .version import __version__
@@ -81,14 +84,18 @@ __all__ = [
     "SmoothHingeObjective",
     "SolveReport",
     "SolverDivergedError",
+    "SquaredHingeObjective",
     "StaleFitError",
     "StationarityWarning",
     "TopK",
     "UnknownParameterError",
     "UnknownSolverError",
+    "UnsupportedEstimatorError",
     "UnsupportedModelError",
     "__version__",
+    "from_sklearn",
     "open_store",
+    "sklearn_data",
     "solvers",
     "training",
     "validation",

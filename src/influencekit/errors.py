@@ -76,6 +76,11 @@ class UnsupportedModelError(InfluenceKitError, NotImplementedError):
     second derivative of ``nn.EmbeddingBag``); the message names the solvers that work."""
 
 
+class UnsupportedEstimatorError(InputError):
+    """A scikit-learn estimator, or a setting of one, that ``from_sklearn`` cannot convert
+    exactly; the message names what is supported."""
+
+
 class NotFittedError(InfluenceKitError, RuntimeError):
     """A method that needs ``fit()`` was called before it."""
 

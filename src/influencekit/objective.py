@@ -374,6 +374,25 @@ class SmoothHingeObjective(Objective):
         _check_binary(outputs, targets, "SmoothHingeObjective")
 
 
+class SquaredHingeObjective(Objective):
+    """Squared hinge on the margin m = y·f(x): ℓ = max(0, 1 − m)² (scikit-learn's ``LinearSVC``
+    default loss). Its first derivative is continuous; its second, 2·[m < 1], jumps at the
+    margin, so influence is exact wherever no training point sits exactly on it.
+
+    Labels in {0, 1} or {−1, +1}; outputs ``(b,)`` or ``(b, 1)``.
+    """
+
+    convex_in_output = True
+
+    def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        s = _scores(outputs)
+        margin = _signed_labels(targets.reshape(s.shape), s.dtype) * s
+        return torch.relu(1.0 - margin).pow(2)
+
+    def check(self, outputs: Tensor, targets: Tensor) -> None:
+        _check_binary(outputs, targets, "SquaredHingeObjective")
+
+
 class MSEObjective(Objective):
     """Squared error, averaged over output dimensions: ℓ = mean_k (f_k(x) − y_k)².
 
