@@ -32,17 +32,18 @@ class Table:
 
     def record(self, name: str, work: Callable[[], torch.Tensor], **extra: object) -> None:
         """Time ``work`` (returns (m, n) scores oriented as I_up,loss), score it, print a line.
-        A method that fails is recorded with its error, not allowed to stop the benchmark."""
+        A method that fails, or returns scores that cannot be scored (non-finite), is recorded
+        with its error, not allowed to stop the benchmark."""
         begun = time.perf_counter()
         try:
             scores = work()
+            seconds = time.perf_counter() - begun
+            lds = linear_datamodeling_score(scores, self.truth)  # refuses non-finite scores
         except Exception as error:
             self.rows.append({"method": name, "error": repr(error)[:300],
                               "traceback": traceback.format_exc()[-2000:], **extra})
             print(f"{name:46s} failed: {error!r}"[:220], flush=True)
             return
-        seconds = time.perf_counter() - begun
-        lds = linear_datamodeling_score(scores, self.truth)
         row = {"method": name, "seconds": seconds, "lds": lds.mean, "low": lds.low,
                "high": lds.high, "defined": lds.defined, **extra}
         line = (f"{name:46s} LDS {lds.mean:.3f} [{lds.low:.3f}, {lds.high:.3f}]  "

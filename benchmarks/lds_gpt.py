@@ -172,9 +172,11 @@ def _kronfluence(model: nn.Module, ids: Tensor, queries: Tensor, damping: float)
     return -scores.detach().double()
 
 
-def _trak(models: list[nn.Module], ids: Tensor, queries: Tensor) -> Tensor:
+def _trak(models: list[nn.Module], ids: Tensor, queries: Tensor, proj_dim: int = 512,
+          regularization: float = 0.0) -> Tensor:
     """dattri's TRAK over the given models: the summed token loss as the output function,
-    exp(−mean token loss) as the probability of the "correct" output, projection to 512."""
+    exp(−mean token loss) as the probability of the "correct" output; dattri's defaults are
+    ``proj_dim`` 512 and ``regularization`` 0 (added to the projected kernel ΦᵀΦ)."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
     from torch.utils.data import DataLoader, TensorDataset
@@ -194,12 +196,98 @@ def _trak(models: list[nn.Module], ids: Tensor, queries: Tensor) -> Tensor:
     states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
     task = AttributionTask(loss_func=sequence_loss, model=model, checkpoints=states)
     attributor = TRAKAttributor(task=task, correct_probability_func=probability, device="cpu",
-                                projector_kwargs={"device": "cpu", "proj_dim": 512})
+                                regularization=regularization,
+                                projector_kwargs={"device": "cpu", "proj_dim": proj_dim})
     with torch.no_grad():
         attributor.cache(DataLoader(TensorDataset(ids), batch_size=32, shuffle=False))
         scores = attributor.attribute(DataLoader(TensorDataset(queries), batch_size=32,
                                                  shuffle=False))
     # features are gradients of the loss on both sides: a positive score = helpful; negated
+    return -scores.detach().T.double()
+
+
+class _NextTokenLogits(nn.Module):
+    """The GPT's logits for positions 0..T−2, shape (B, T−1, V): the predictions of tokens
+    1..T−1, so that a peer's ``loss(model(x), y)`` with ``y = ids[:, 1:]`` is the causal LM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids)[:, :-1]
+
+
+def _summed_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-sequence summed next-token cross-entropy, mean over the batch: the mean-scale loss
+    whose Hessian influencekit's CausalLMObjective uses (its damping is on this scale)."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum") / len(
+        logits)
+
+
+def _pydvl(model: nn.Module, ids: Tensor, queries: Tensor, damping: float, kind: str) -> Tensor:
+    """pyDVL 0.10 as benchmarks/peers/pydvl_methods.py sets it up for the MLP: the exact
+    Hessian of the batch loss over one full batch (= the mean training loss), ``regularization``
+    = damping on that scale, Arnoldi rank 50 (its Krylov dimension by default, 101); or
+    EkfacInfluence (update_diagonal=True), which pyDVL documents for cross-entropy models
+    built of nn.Linear layers: the other parameters (embeddings, LayerNorms) are frozen, as
+    pyDVL's error message asks, so its scores cover the nn.Linear modules like kronfluence's.
+    Both run under PyTorch's math attention kernel, without which pyDVL's second derivatives
+    fail (the CPU flash kernel has no double backward). Ours = −pyDVL."""
+    from pydvl.influence import InfluenceMode
+    from pydvl.influence.torch import ArnoldiInfluence, EkfacInfluence
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.data import DataLoader, TensorDataset
+
+    wrapped = _NextTokenLogits(copy.deepcopy(model))
+    loader = DataLoader(TensorDataset(ids, ids[:, 1:]), batch_size=len(ids), shuffle=False)
+    if kind == "arnoldi":
+        method = ArnoldiInfluence(wrapped, _summed_token_loss, regularization=damping, rank=50)
+    else:
+        for module in wrapped.modules():
+            if not isinstance(module, nn.Linear):
+                for parameter in module.parameters(recurse=False):
+                    parameter.requires_grad_(False)
+        method = EkfacInfluence(wrapped, update_diagonal=True, hessian_regularization=damping)
+    with sdpa_kernel(SDPBackend.MATH):
+        method = method.fit(loader)
+        values = method.influences(queries, queries[:, 1:], ids, ids[:, 1:],
+                                   mode=InfluenceMode.Up)
+    return -values.detach().double()
+
+
+def _dattri(model: nn.Module, ids: Tensor, queries: Tensor, damping: float, kind: str
+            ) -> Tensor:
+    """dattri 0.3.0's influence functions as benchmarks/peers/dattri_methods.py sets them up
+    for the MLP: the task's loss is the batch mean of the per-sequence summed token loss, one
+    training batch of all sequences (so the Hessian is the mean training loss's),
+    ``regularization`` = damping; CG with its default 10 iterations, Arnoldi with 50 kept
+    eigenpairs from 100 iterations; under PyTorch's math attention kernel, as with pyDVL.
+    Ours = −dattriᵀ."""
+    from dattri.algorithm.influence_function import IFAttributorArnoldi, IFAttributorCG
+    from dattri.task import AttributionTask
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def loss_func(params, batch):
+        (tokens,) = batch
+        tokens = tokens if tokens.dim() == 2 else tokens.unsqueeze(0)
+        logits = torch.func.functional_call(model, params, (tokens,))[:, :-1]
+        return _summed_token_loss(logits, tokens[:, 1:])
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=state)
+    if kind == "cg":
+        attributor = IFAttributorCG(task, device="cpu", regularization=damping)
+    else:
+        attributor = IFAttributorArnoldi(task, device="cpu", proj_dim=50, max_iter=100,
+                                         regularization=damping)
+    train = DataLoader(TensorDataset(ids), batch_size=len(ids), shuffle=False)
+    with sdpa_kernel(SDPBackend.MATH):
+        attributor.cache(train)
+        with torch.no_grad():
+            scores = attributor.attribute(train, DataLoader(TensorDataset(queries),
+                                                            batch_size=len(queries)))
     return -scores.detach().T.double()
 
 
@@ -225,6 +313,9 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[],
                         help="skip methods whose name contains one of these words; the rows "
                              "run are merged into the existing JSON")
+    parser.add_argument("--only", nargs="*", default=[],
+                        help="run only methods whose name contains one of these words (merged "
+                             "like --skip)")
     args = parser.parse_args()
     ids, queries, vocabulary = sequences(args.train, args.queries)
 
@@ -276,9 +367,17 @@ def main() -> None:
         "kronfluence EK-FAC": lambda: _kronfluence(model, ids, queries, damping),
         "dattri TRAK, 1 model": lambda: _trak(models[:1], ids, queries),
         f"dattri TRAK, {args.members} models": lambda: _trak(models, ids, queries),
+        f"dattri TRAK, {args.members} models, proj_dim 2048, regularization 1e4": lambda:
+            _trak(models, ids, queries, proj_dim=2048, regularization=1e4),
+        "pyDVL Arnoldi, rank 50": lambda: _pydvl(model, ids, queries, damping, "arnoldi"),
+        "pyDVL EK-FAC": lambda: _pydvl(model, ids, queries, damping, "ekfac"),
+        "dattri Arnoldi, 50 eigenpairs": lambda: _dattri(model, ids, queries, damping,
+                                                         "arnoldi"),
+        "dattri CG, 10 iterations": lambda: _dattri(model, ids, queries, damping, "cg"),
     }
     for name, work in methods.items():
-        if not any(word in name for word in args.skip):
+        if not any(word in name for word in args.skip) and (
+                not args.only or any(word in name for word in args.only)):
             table.record(name, work)
     path = out / "lds_gpt.json"
     payload = {"benchmark": "lds_gpt", "settings": vars(args) | {
@@ -289,8 +388,9 @@ def main() -> None:
                                 "folder": str(ground_truth.folder),
                                 "seconds_this_run": truth_seconds},
                "versions": lds_common.versions()}
-    lds_common.write_result(path, payload, table.rows, merge=bool(args.skip))
-    print(f"wrote {path}" + (" (rows merged into the earlier run)" if args.skip else ""))
+    lds_common.write_result(path, payload, table.rows, merge=bool(args.skip or args.only))
+    merged = " (rows merged into the earlier run)" if args.skip or args.only else ""
+    print(f"wrote {path}{merged}")
 
 
 if __name__ == "__main__":
