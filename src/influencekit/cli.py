@@ -49,6 +49,66 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subject(args: argparse.Namespace):
+    from .explain import load_subject
+
+    return load_subject(args.model, args.train, args.test, setup=args.setup,
+                        label_column=args.label_column, objective=args.objective)
+
+
+def _damping(text: str | None) -> float | str | None:
+    return text if text in (None, "auto") else float(text)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    summary = explain(_subject(args), args.out, test_index=args.test_index, top_k=args.k,
+                      check=args.check, solver=args.solver, damping=_damping(args.damping),
+                      max_test=args.max_test)
+    print(f"Solver: {summary['solver']} ({summary['solver_reason']}).")
+    print(f"Explained {len(summary['points'])} test points: {summary['test_points']}.")
+    if "check" in summary:
+        print(f"Check against {len(summary['check']['removed'])} refits: Pearson R = "
+              f"{summary['check']['pearson']:.3f}")
+    out = Path(args.out).resolve()
+    print(f"Report: {out / 'report.html'}  (scores.npz, explain.json beside it)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .explain import audit
+
+    summary = audit(_subject(args), args.out, top=args.top, solver=args.solver,
+                    damping=_damping(args.damping))
+    print(f"Solver: {summary['solver']} ({summary['solver_reason']}).")
+    first = ", ".join(str(r["index"]) for r in summary["ranked"][:10])
+    print(f"Training points to check first (most negative self-influence): {first}")
+    print(f"Report: {Path(args.out).resolve() / 'report.html'}")
+    return 0
+
+
+def _files_arguments(command: argparse.ArgumentParser, out: str) -> None:
+    command.add_argument("--model", help="a scikit-learn model saved with skops (.skops) or a "
+                                         "torch.export archive (.pt2); never a pickle")
+    command.add_argument("--train", help="training data: .npz (X, y), .csv (with a label "
+                                         "column), .pt ({'X','y'}), .txt/.tsv ('label<TAB>text') "
+                                         "or a folder of images per class")
+    command.add_argument("--setup", help="module:function returning a dict with model, "
+                                         "objective, train, test (instead of the files)")
+    command.add_argument("--label-column", default=None,
+                         help="CSV label column (default: 'label', else the last)")
+    command.add_argument("--objective", default="cross-entropy",
+                         choices=["cross-entropy", "logistic", "mse"],
+                         help="the loss of a PyTorch model (default cross-entropy)")
+    command.add_argument("--solver", default=None, choices=["direct", "cg", "lissa", "kfac",
+                                                            "ekfac", "arnoldi"],
+                         help="default: chosen by the model's size (the report says why)")
+    command.add_argument("--damping", default=None, help="a number or 'auto' (default: 0 for "
+                         "regularised scikit-learn models, else auto)")
+    command.add_argument("--out", default=out, help=f"output folder (default {out})")
+
+
 def _at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
@@ -89,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--data", default=None,
                            help="path to the paper's original data in its public format")
     reproduce.set_defaults(handler=_reproduce)
+
+    explain = commands.add_parser(
+        "explain", help="which training points made your model predict this? (your files)")
+    _files_arguments(explain, "outputs/explain")
+    explain.add_argument("--test", help="test data, same formats as --train")
+    explain.add_argument("--test-index", type=int, nargs="+", default=None,
+                         help="test points to explain (default: the misclassified ones)")
+    explain.add_argument("--max-test", type=_at_least(1), default=20,
+                         help="at most this many default test points (default 20)")
+    explain.add_argument("--k", type=_at_least(1), default=5,
+                         help="helpful and harmful training points per test point (default 5)")
+    explain.add_argument("--check", type=int, default=0, metavar="N",
+                         help="refit without each test point's N most influential training "
+                              "points and compare (scikit-learn models, or --setup retrain)")
+    explain.set_defaults(handler=_explain)
+
+    audit = commands.add_parser(
+        "audit", help="rank training points by self-influence: likely mislabelled ones first")
+    _files_arguments(audit, "outputs/audit")
+    audit.set_defaults(handler=_audit, test=None)
+    audit.add_argument("--top", type=_at_least(1), default=20,
+                       help="training points shown in the report (default 20)")
 
     listing = commands.add_parser("experiments", help="list the reproducible experiments")
     listing.set_defaults(handler=_list_experiments)

@@ -110,8 +110,27 @@ def run_demo(out: Path, num_check: int = 50, k: int = 5, weight_decay: float = 0
         "weight_decay": weight_decay, "solver": solver,
         "seconds": round(time.perf_counter() - started, 2),
     }))
+    files.append(_report(model, objective, data, j, k, solver, influence.damping_, out))
     echo("[4/4] Wrote:")
     for path in files:
         echo(f"  {path}")
     return DemoResult(j, true_label, predicted_label, top.helpful[0].tolist(),
                       top.harmful[0].tolist(), check.pearson, check.spearman, files)
+
+
+def _report(model: torch.nn.Module, objective: CrossEntropyObjective, data, j: int, k: int,
+            solver: str, damping: float, out: Path) -> Path:
+    """The HTML report of ``influencekit explain`` for the demo's test image (report.html,
+    with scores.npz and explain.json)."""
+    from .explain import Subject, explain
+    from .files import Examples
+
+    def shown(X: torch.Tensor, y: torch.Tensor) -> Examples:
+        return Examples(X.numpy(), y.numpy(), "image", images=X.reshape(-1, 8, 8).numpy(),
+                        source=data.name)
+
+    subject = Subject(model, objective, data.train, (data.X_test, data.y_test),
+                      shown(data.X_train, data.y_train), shown(data.X_test, data.y_test),
+                      "torch", class_names=[str(c) for c in range(10)], damping=damping)
+    explain(subject, out, test_index=[j], top_k=k, solver=solver)
+    return out / "report.html"

@@ -77,6 +77,9 @@ from .objective import (
 SUPPORTED = ("LogisticRegression", "LinearSVC", "SVC", "Ridge", "LinearRegression",
              "SGDClassifier", "SGDRegressor", "MLPClassifier", "MLPRegressor")
 
+#: the most entries a sparse X (a vectorizer's output) is densified to
+DENSE_LIMIT = 50_000_000
+
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "identity": nn.Identity, "logistic": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -293,6 +296,19 @@ class SoftmaxLinear(nn.Module):
         return x @ self.weight.T + self.basis @ self.bias
 
 
+def removal_refit_params(estimator: Any, n: int) -> dict[str, Any]:
+    """The estimator's settings whose refit on n − 1 points is what ``loo_change`` predicts
+    (the removed point takes its share of the regulariser; see the module docstring): for
+    ``set_params`` on a copy of the estimator (or of a pipeline's last step)."""
+    name = type(estimator).__name__
+    if name in ("LogisticRegression", "LinearSVC", "SVC"):
+        return {"C": float(estimator.C) * n / (n - 1)}
+    if name == "Ridge" or (name in ("MLPClassifier", "MLPRegressor")
+                           and estimator.solver == "lbfgs"):
+        return {"alpha": float(estimator.alpha) * (n - 1) / n}
+    return {}
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 def _final_step(estimator: Any, X: Any) -> tuple[Any, Any]:
@@ -307,7 +323,10 @@ def _final_step(estimator: Any, X: Any) -> tuple[Any, Any]:
             raise UnsupportedEstimatorError(
                 f"Pipeline step {name!r} ({type(step).__name__}) has no transform(); only the "
                 f"last step may be an estimator.")
-        X = step.transform(X)
+        try:
+            X = step.transform(X)
+        except ValueError as error:
+            raise InputError(f"X does not fit the pipeline's step {name!r}: {error}") from error
     return _final_step(steps[-1][1], X)
 
 
@@ -317,9 +336,13 @@ def _require_fitted(est: Any) -> None:
 
 
 def _features(est: Any, X: Any, dtype: torch.dtype) -> Tensor:
-    if hasattr(X, "toarray"):
-        raise InputError("X is a sparse matrix; from_sklearn needs a dense array "
-                         "(X.toarray(), if it fits in memory).")
+    if hasattr(X, "toarray"):  # a sparse matrix (a text vectorizer's output, say)
+        if X.shape[0] * X.shape[1] > DENSE_LIMIT:
+            raise InputError(
+                f"X is a sparse {X.shape[0]} × {X.shape[1]} matrix, over {DENSE_LIMIT:,} "
+                f"entries dense; from_sklearn needs dense features (reduce the vocabulary, "
+                f"e.g. max_features, or score fewer examples).")
+        X = X.toarray()
     array = np.asarray(X, dtype=np.float64)
     expected = getattr(est, "n_features_in_", None)
     if array.ndim != 2 or (expected is not None and array.shape[1] != expected):
