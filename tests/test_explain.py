@@ -155,10 +155,57 @@ def test_explain_a_torch_export_archive(tmp_path):
                 "--test", tmp_path / "test.npz", "--damping", "0.01", "--out", out) == 0
     scores = np.load(out / "scores.npz")
     eager = ik.Influence(model, ik.CrossEntropyObjective(), (X, y), solver="direct",
-                         damping=0.01, stationarity_tol=None).fit()
+                         damping=0.01, curvature="gauss-newton", stationarity_tol=None).fit()
     rows = torch.as_tensor(scores["test_index"])
     expected = eager.loo_change((X[:10][rows], (1 - y[:10])[rows])).numpy()
     np.testing.assert_allclose(scores["loo_change"], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_explain_a_torchscript_cnn(tmp_path):
+    """A TorchScript file is rebuilt as the same eager module (checked on the data): the scores
+    equal the eager model's."""
+    digits = load_digits()
+    keep = np.isin(digits.target, [0, 1, 2])
+    X = torch.as_tensor(digits.images[keep][:90] / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.as_tensor(digits.target[keep][:90])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    ik.training.train_steps(model, ik.CrossEntropyObjective(weight_decay=0.01), (X, y),
+                            steps=200, lr=0.02, batch_size=90, seed=0)
+    torch.jit.save(torch.jit.script(model), tmp_path / "cnn.pt")
+    torch.save({"X": X[:70], "y": y[:70]}, tmp_path / "train.pt")
+    torch.save({"X": X[70:], "y": y[70:]}, tmp_path / "test.pt")
+    out = tmp_path / "out"
+    assert _run("explain", "--model", tmp_path / "cnn.pt", "--train", tmp_path / "train.pt",
+                "--test", tmp_path / "test.pt", "--test-index", 0, 4, "--damping", "0.01",
+                "--solver", "direct", "--out", out) == 0
+    scores = np.load(out / "scores.npz")
+    eager = ik.Influence(model, ik.CrossEntropyObjective(), (X[:70], y[:70]), solver="direct",
+                         damping=0.01, curvature="gauss-newton", stationarity_tol=None).fit()
+    expected = eager.loo_change((X[70:][[0, 4]], y[70:][[0, 4]])).numpy()
+    np.testing.assert_allclose(scores["loo_change"], expected, rtol=1e-4, atol=1e-8)
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 2 * 11
+
+
+def test_torchscript_with_its_own_forward_is_refused(tmp_path):
+    from influencekit.torchscript import UnsupportedTorchScriptError
+
+    class Doubled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return 2 * self.linear(x)
+
+    torch.jit.save(torch.jit.script(Doubled()), tmp_path / "custom.ts")
+    np.savez(tmp_path / "train.npz", X=np.zeros((4, 3)), y=np.array([0, 1, 0, 1]))
+    with pytest.raises(UnsupportedTorchScriptError, match=r"torch\.export"):
+        load_subject(str(tmp_path / "custom.ts"), str(tmp_path / "train.npz"), None)
+    torch.save(nn.Linear(3, 2), tmp_path / "pickled.pt")  # torch.save of a module: a pickle
+    with pytest.raises(UnsafeFileError, match="pickle"):
+        load_subject(str(tmp_path / "pickled.pt"), str(tmp_path / "train.npz"), None)
 
 
 def test_pickles_are_refused_with_how_to_save_safely(tmp_path):
@@ -180,8 +227,9 @@ def test_pickles_are_refused_with_how_to_save_safely(tmp_path):
 
 
 @pytest.mark.parametrize("case,words", [
-    ("format", "Unknown data format"), ("label", "no column"), ("columns", "does not fit the pipeline"),
-    ("classes", "not fitted on"), ("index", "out of range"), ("model", "Unknown model format"),
+    ("format", "Unknown data format"), ("label", "no column"),
+    ("columns", "does not fit the pipeline"), ("classes", "not fitted on"),
+    ("index", "out of range"), ("model", "Unknown model format"),
 ])
 def test_mismatches_get_clear_errors(tmp_path, case, words):
     files = _tabular(tmp_path)

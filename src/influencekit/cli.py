@@ -65,7 +65,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     summary = explain(_subject(args), args.out, test_index=args.test_index, top_k=args.k,
                       check=args.check, solver=args.solver, damping=_damping(args.damping),
-                      max_test=args.max_test)
+                      curvature=args.curvature, max_test=args.max_test)
     print(f"Solver: {summary['solver']} ({summary['solver_reason']}).")
     print(f"Explained {len(summary['points'])} test points: {summary['test_points']}.")
     if "check" in summary:
@@ -80,7 +80,7 @@ def _audit(args: argparse.Namespace) -> int:
     from .explain import audit
 
     summary = audit(_subject(args), args.out, top=args.top, solver=args.solver,
-                    damping=_damping(args.damping))
+                    damping=_damping(args.damping), curvature=args.curvature)
     print(f"Solver: {summary['solver']} ({summary['solver_reason']}).")
     first = ", ".join(str(r["index"]) for r in summary["ranked"][:10])
     print(f"Training points to check first (most negative self-influence): {first}")
@@ -106,6 +106,9 @@ def _files_arguments(command: argparse.ArgumentParser, out: str) -> None:
                          help="default: chosen by the model's size (the report says why)")
     command.add_argument("--damping", default=None, help="a number or 'auto' (default: 0 for "
                          "regularised scikit-learn models, else auto)")
+    command.add_argument("--curvature", default=None, choices=["hessian", "gauss-newton"],
+                         help="default: the Hessian for convex scikit-learn models, the "
+                              "Gauss-Newton matrix for networks")
     command.add_argument("--out", default=out, help=f"output folder (default {out})")
 
 

@@ -131,6 +131,7 @@ def _report(model: torch.nn.Module, objective: CrossEntropyObjective, data, j: i
 
     subject = Subject(model, objective, data.train, (data.X_test, data.y_test),
                       shown(data.X_train, data.y_train), shown(data.X_test, data.y_test),
-                      "torch", class_names=[str(c) for c in range(10)], damping=damping)
+                      "torch", class_names=[str(c) for c in range(10)], damping=damping,
+                      curvature="hessian")
     explain(subject, out, test_index=[j], top_k=k, solver=solver)
     return out / "report.html"

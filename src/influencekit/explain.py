@@ -54,6 +54,9 @@ class Subject:
     class_names: list[str] | None = None
     retrain: Callable[[np.ndarray], nn.Module] | None = None
     damping: float | str = "auto"
+    #: the Hessian for convex scikit-learn models; the Gauss-Newton matrix (positive
+    #: semi-definite wherever training stopped) for networks
+    curvature: str = "gauss-newton"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -75,6 +78,17 @@ def load_subject(model: str | None, train: str | None, test: str | None, *,
     test_examples = load_examples(test, label_column) if test else train_examples
     if kind == "sklearn":
         return _sklearn_subject(loaded, train_examples, test_examples)
+    if kind == "torchscript":
+        from .torchscript import rebuilt_and_checked
+
+        dtype = next(iter(torch.jit.load(str(loaded)).parameters())).dtype
+        example = torch.as_tensor(np.asarray(train_examples.inputs)[:64], dtype=dtype)
+        subject = _torch_subject(rebuilt_and_checked(loaded, example), train_examples,
+                                 test_examples, objective)
+        subject.notes.append("The TorchScript model was rebuilt as an eager module with the "
+                             "same weights; its outputs were checked equal on the training "
+                             "data's first 64 examples.")
+        return subject
     return _torch_subject(loaded, train_examples, test_examples, objective)
 
 
@@ -103,13 +117,15 @@ def _sklearn_subject(estimator: Any, train: Examples, test: Examples) -> Subject
                                 _sklearn_labels(final, test.labels))
     classes = getattr(final, "classes_", None)
     unpenalised = type(final).__name__ == "LinearRegression"
+    network = type(final).__name__.startswith("MLP")
     notes = [f"The pipeline's steps before {type(final).__name__} are a fixed transformation: "
              f"influence is over its parameters, and a feature's push is per unit of the "
              f"feature it sees (after the transformation)."] if final is not estimator else []
     return Subject(model, objective, train_tensors, test_tensors, train, test, "sklearn",
                    estimator=estimator,
                    class_names=[str(c) for c in classes] if classes is not None else None,
-                   damping="auto" if unpenalised else 0.0, notes=notes)
+                   damping="auto" if unpenalised or network else 0.0,
+                   curvature="gauss-newton" if network else "hessian", notes=notes)
 
 
 def _class_indices(labels: np.ndarray, names: list[str]) -> Tensor:
@@ -230,10 +246,11 @@ def _default_test_points(subject: Subject, losses: Tensor, predicted: list[str],
     return order[:limit], f"the {min(limit, len(order))} test points of largest loss"
 
 
-def _make_influence(subject: Subject, solver: Any, damping: float | str | None) -> Influence:
-    chosen = subject.damping if damping is None else damping
+def _make_influence(subject: Subject, solver: Any, damping: float | str | None,
+                    curvature: str | None = None) -> Influence:
     return Influence(subject.model, subject.objective, subject.train, solver=solver,
-                     damping=chosen, stationarity_tol=None).fit()
+                     damping=subject.damping if damping is None else damping,
+                     curvature=curvature or subject.curvature, stationarity_tol=None).fit()
 
 
 def _solver_words(inf: Influence) -> list[str]:
@@ -335,7 +352,8 @@ def _feature_pushes(inf: Influence, subject: Subject, test_row: int, indices: li
 
 def explain(subject: Subject, out: str | Path, *, test_index: list[int] | None = None,
             top_k: int = 5, check: int = 0, solver: Any = None,
-            damping: float | str | None = None, max_test: int = 20) -> dict:
+            damping: float | str | None = None, curvature: str | None = None,
+            max_test: int = 20) -> dict:
     """Score the chosen test points, write ``scores.npz``, ``explain.json`` and
     ``report.html`` to ``out``, and return the summary written to ``explain.json``."""
     from .report.html import explain_page
@@ -359,7 +377,7 @@ def explain(subject: Subject, out: str | Path, *, test_index: list[int] | None =
         rows, why = list(test_index), "chosen with --test-index"
     else:
         rows, why = _default_test_points(subject, losses, predicted, truth, max_test)
-    inf = _make_influence(subject, solver, damping)
+    inf = _make_influence(subject, solver, damping, curvature)
     test = (subject.test[0][rows], subject.test[1][rows])
     influence = inf.influence(test).double()
     loo = -influence / inf.num_train_
@@ -408,7 +426,7 @@ def _histogram(values: Tensor, bins: int = 30) -> dict:
 
 
 def audit(subject: Subject, out: str | Path, *, top: int = 20, solver: Any = None,
-          damping: float | str | None = None) -> dict:
+          damping: float | str | None = None, curvature: str | None = None) -> dict:
     """Rank the training points by self-influence (most negative first: the points that most
     hold up their own fit, where mislabelled ones gather, the paper's §5.4); write
     ``self_influence.npz``, ``audit.json`` and ``report.html`` to ``out``."""
@@ -419,7 +437,7 @@ def audit(subject: Subject, out: str | Path, *, top: int = 20, solver: Any = Non
     reason = "given with --solver"
     if solver is None:
         solver, reason = choose_solver(subject.model)
-    inf = _make_influence(subject, solver, damping)
+    inf = _make_influence(subject, solver, damping, curvature)
     scores = inf.self_influence().double()
     order = torch.argsort(scores).tolist()
     outputs = _outputs(subject.model, subject.train[0])

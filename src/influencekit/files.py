@@ -2,7 +2,8 @@
 
 Nothing untrusted is unpickled. Models: scikit-learn estimators saved with skops
 (``.skops``, loaded with skops' default trusted types only), ``torch.export`` archives
-(``.pt2``). Data:
+(``.pt2``), TorchScript files of standard layers (``.ts``, ``.pt``, ...: rebuilt as eager
+modules and checked, see :mod:`influencekit.torchscript`). Data:
 
 - ``.npz``: arrays ``X`` (n, ...) and ``y`` (n,), optionally ``feature_names`` and
   ``class_names``; loaded with ``allow_pickle=False``. ``X`` of shape (n, H, W) or
@@ -28,6 +29,7 @@ import torch
 from .errors import InputError
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill")
+TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript", ".jit", ".pt", ".pth")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
@@ -72,7 +74,8 @@ def _refuse_pickle(path: Path, what: str) -> None:
 
 
 def load_model(path: str | Path) -> tuple[str, Any]:
-    """``("sklearn", estimator)`` or ``("torch", nn.Module)`` from a saved model file."""
+    """``("sklearn", estimator)``, ``("torch", nn.Module)`` or ``("torchscript", path)`` (rebuilt
+    once data is at hand, :mod:`influencekit.torchscript`) from a saved model file."""
     path = Path(path)
     _refuse_pickle(path, "model")
     if not path.exists():
@@ -94,10 +97,22 @@ def load_model(path: str | Path) -> tuple[str, Any]:
         from .exported import exported_module
 
         return "torch", exported_module(path)
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        try:
+            torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:  # a torch.save pickle, or not a model at all
+            raise UnsafeFileError(
+                f"{path} is not a TorchScript archive ({type(error).__name__}); if it was "
+                f"written by torch.save(model), it is a pickle, which influencekit never "
+                f"loads. Save the model with torch.jit.save(torch.jit.script(model), ...) or, "
+                f"better, torch.export.save(torch.export.export(model, (x,)), "
+                f"'model.pt2').") from error
+        return "torchscript", path
     raise InputError(
         f"Unknown model format {path.suffix!r} ({path}). Expected a scikit-learn model saved "
-        f"with skops (.skops), a torch.export archive (.pt2), or use --setup module:function "
-        f"for anything else.")
+        f"with skops (.skops), a torch.export archive (.pt2), a TorchScript file "
+        f"({', '.join(TORCHSCRIPT_SUFFIXES)}), or use --setup module:function for anything "
+        f"else.")
 
 
 def load_examples(path: str | Path, label_column: str | None = None) -> Examples:
