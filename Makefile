@@ -52,6 +52,8 @@ bench: $(BENCH_VENV)/.installed-stamp
 	$(BENCH_VENV)/bin/python benchmarks/large_model.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/scaling_store.py --out $(BENCH_OUT) --exact-max 30000
 	$(BENCH_VENV)/bin/python benchmarks/lds_mlp.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/lds_gpt.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/trak_projection_probe.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) outputs .pytest_cache .ruff_cache
