@@ -65,8 +65,8 @@ def main() -> None:
             refit = copy.deepcopy(svm).set_params(C=C * n / (n - 1)).fit(X[keep], y[keep])
             actual.append(hinge(refit) - base)
         pearson = float(np.corrcoef(predicted[r][top], actual)[0, 1])
-        results.append({"test_index": j, "margin": float(margins[r]), "pearson": pearson})
-        print(f"test point {j} (margin {float(margins[r]):+.3f}): Pearson R = {pearson:.4f} "
+        results.append({"test_index": j, "margin": float(margins[j]), "pearson": pearson})
+        print(f"test point {j} (margin {float(margins[j]):+.3f}): Pearson R = {pearson:.4f} "
               f"over {len(top)} refits", flush=True)
     print(json.dumps({"n": n, "C": C, "results": results,
                       "seconds": round(time.perf_counter() - started, 1)}))
