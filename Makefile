@@ -28,8 +28,9 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
-	    >/dev/null; } || echo "chromium not installed: the browser test will skip"
+	    timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 \
+	    apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the browser test will skip"
 
 test: lint browser
 	$(BIN)/python -m pytest -q
