@@ -162,6 +162,13 @@ def test_explain_a_torch_export_archive(tmp_path):
     rows = torch.as_tensor(scores["test_index"])
     expected = eager.loo_change((X[:10][rows], (1 - y[:10])[rows])).numpy()
     np.testing.assert_allclose(scores["loo_change"], expected, rtol=1e-4, atol=1e-7)
+    # a saved network has no training recipe: --check is refused, before any fit
+    with pytest.raises(ik.InputError, match="--check needs a way to retrain"):
+        from influencekit.explain import explain
+
+        explain(load_subject(str(tmp_path / "model.pt2"), str(tmp_path / "train.npz"),
+                             str(tmp_path / "test.npz")), tmp_path / "checked", check=3)
+    assert not (tmp_path / "checked" / "scores.npz").exists()
 
 
 def test_explain_a_torchscript_cnn(tmp_path):

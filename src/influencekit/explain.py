@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
-from .files import Examples, load_examples, load_model
+from .files import Examples, load_examples, load_model, shown_images
 from .influence import Influence
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .objective import BinaryLogisticObjective, CrossEntropyObjective, MSEObjective, Objective
-from .scikit import from_sklearn, removal_refit_params, sklearn_data
+from .scikit import final_estimator, from_sklearn, removal_refit_params, sklearn_data
 from .solvers import CG, EKFAC
 
 OBJECTIVES: dict[str, Callable[[], Objective]] = {
@@ -81,9 +81,9 @@ def load_subject(model: str | None, train: str | None, test: str | None, *,
     if kind == "torchscript":
         from .torchscript import rebuilt_and_checked
 
-        dtype = next(iter(torch.jit.load(str(loaded)).parameters())).dtype
+        dtype = next(iter(loaded.parameters())).dtype
         example = torch.as_tensor(np.asarray(train_examples.inputs)[:64], dtype=dtype)
-        subject = _torch_subject(rebuilt_and_checked(loaded, example), train_examples,
+        subject = _torch_subject(rebuilt_and_checked(loaded, example, model), train_examples,
                                  test_examples, objective)
         subject.notes.append("The TorchScript model was rebuilt as an eager module with the "
                              "same weights; its outputs were checked equal on the training "
@@ -110,7 +110,7 @@ def _sklearn_labels(estimator: Any, labels: np.ndarray) -> np.ndarray:
 
 
 def _sklearn_subject(estimator: Any, train: Examples, test: Examples) -> Subject:
-    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    final = final_estimator(estimator)
     X, y = _sklearn_inputs(train), _sklearn_labels(final, train.labels)
     model, objective, train_tensors = from_sklearn(estimator, X, y)
     test_tensors = sklearn_data(estimator, _sklearn_inputs(test),
@@ -173,23 +173,15 @@ def _from_setup(spec: str) -> Subject:
 
     def examples(pair: tuple[Tensor, Tensor]) -> Examples:
         X = pair[0].detach().cpu().numpy()
-        image = X.ndim in (3, 4)
-        shown = np.moveaxis(X, 1, -1) if X.ndim == 4 and X.shape[1] in (1, 3) else X
-        if image and shown.ndim == 4 and shown.shape[-1] == 1:
-            shown = shown[..., 0]
-        return Examples(X, pair[1].detach().cpu().numpy(), "image" if image else "table",
-                        feature_names=result.get("feature_names"),
-                        images=_unit(shown) if image else None, source=spec)
+        images = shown_images(X, channels_first=True)
+        return Examples(X, pair[1].detach().cpu().numpy(),
+                        "table" if images is None else "image",
+                        feature_names=result.get("feature_names"), images=images, source=spec)
 
     train, test = tuple(result["train"]), tuple(result["test"])
     return Subject(result["model"], result["objective"], train, test, examples(train),
                    examples(test), "setup", class_names=result.get("class_names"),
                    retrain=result.get("retrain"))
-
-
-def _unit(images: np.ndarray) -> np.ndarray:
-    low, high = float(images.min()), float(images.max())
-    return (images - low) / (high - low) if high > low else np.zeros_like(images)
 
 
 def choose_solver(model: nn.Module) -> tuple[Any, str]:
@@ -273,14 +265,12 @@ def _solver_words(inf: Influence) -> list[str]:
     return words
 
 
-def _sklearn_refit_losses(subject: Subject, removed: list[int], test_rows: list[int]
-                          ) -> np.ndarray:
-    """Test losses after scikit-learn refits without each removed point, ``(len(removed),
-    len(test_rows))``. Only the estimator is refitted (a pipeline's earlier steps stay as they
-    are: influence is over the estimator's parameters), warm-started from the fitted
-    coefficients with a tolerance of at most 1e-8, on influencekit's removal convention."""
-    estimator = subject.estimator
-    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+def _sklearn_refitter(subject: Subject) -> Callable[[int], nn.Module]:
+    """``i -> model`` refitted by scikit-learn without training point i. Only the estimator is
+    refitted (a pipeline's earlier steps stay as they are: influence is over the estimator's
+    parameters), warm-started from the fitted coefficients with a tolerance of at most 1e-8,
+    on influencekit's removal convention (:func:`~influencekit.scikit.removal_refit_params`)."""
+    final = final_estimator(subject.estimator)
     features = subject.train[0].detach().cpu().numpy()  # the features the estimator sees
     y = _sklearn_labels(final, subject.train_examples.labels)
     n = len(y)
@@ -292,42 +282,39 @@ def _sklearn_refit_losses(subject: Subject, removed: list[int], test_rows: list[
         settings["tol"] = min(parameters["tol"], 1e-8)
     if isinstance(parameters.get("max_iter"), int) and parameters["max_iter"] > 0:
         settings["max_iter"] = max(parameters["max_iter"], 10_000)
-    features_test, targets_test = subject.test
-    losses = []
-    for i in removed:
+
+    def refit(i: int) -> nn.Module:
         keep = np.arange(n) != i
-        refit = copy.deepcopy(final).set_params(**settings)
-        refit.fit(features[keep], y[keep])
-        model, objective, _ = from_sklearn(refit, features, y)
-        with torch.no_grad():
-            losses.append(objective.test_loss(model(features_test[test_rows]),
-                                              targets_test[test_rows]).numpy())
-    return np.array(losses)
+        estimator = copy.deepcopy(final).set_params(**settings).fit(features[keep], y[keep])
+        return from_sklearn(estimator, features, y)[0]
+
+    return refit
 
 
-def _check(subject: Subject, loo: Tensor, test_rows: list[int], count: int) -> dict:
-    """Leave-one-out check: for each explained test point, its ``count`` training points of
-    largest |predicted change|, refitted without each."""
-    chosen = sorted({int(i) for row in loo for i in torch.argsort(row.abs(), descending=True)
-                     [:count].tolist()})
-    with torch.no_grad():
-        base = subject.objective.test_loss(subject.model(subject.test[0][test_rows]),
-                                           subject.test[1][test_rows]).numpy()
+def _refitter(subject: Subject) -> Callable[[int], nn.Module]:
+    """``i -> model`` trained without training point i, for ``--check``."""
     if subject.kind == "sklearn":
-        after = _sklearn_refit_losses(subject, chosen, test_rows)
-    elif subject.retrain is not None:
-        after = []
-        n = len(subject.train[1])
-        for i in chosen:
-            model = subject.retrain(np.flatnonzero(np.arange(n) != i))
-            with torch.no_grad():
-                after.append(subject.objective.test_loss(model(subject.test[0][test_rows]),
-                                                         subject.test[1][test_rows]).numpy())
-        after = np.array(after)
-    else:
+        return _sklearn_refitter(subject)
+    if subject.retrain is None:
         raise InputError("--check needs a way to retrain: a scikit-learn model, or --setup "
                          "returning 'retrain' (indices -> model trained on them).")
-    actual = (after - base).T  # (m, k)
+    everyone = np.arange(len(subject.train[1]))
+    return lambda i: subject.retrain(np.flatnonzero(everyone != i))
+
+
+def _check(subject: Subject, refit: Callable[[int], nn.Module], loo: Tensor,
+           test_rows: list[int], base: Tensor, count: int) -> dict:
+    """Leave-one-out check: for each explained test point, its ``count`` training points of
+    largest |predicted change|, each removed and the model refitted; ``base``: the explained
+    test points' losses before, ``(m,)``."""
+    chosen = sorted({int(i) for row in loo for i in torch.argsort(row.abs(), descending=True)
+                     [:count].tolist()})
+    X_test, y_test = subject.test[0][test_rows], subject.test[1][test_rows]
+    after = []
+    for i in chosen:
+        with torch.no_grad():
+            after.append(subject.objective.test_loss(refit(i)(X_test), y_test).double())
+    actual = (torch.stack(after) - base).T.numpy()  # (m, k)
     predicted = loo[:, chosen].numpy()
     pearson = float(np.corrcoef(predicted.ravel(), actual.ravel())[0, 1]) if actual.size > 2 \
         else float("nan")
@@ -335,23 +322,39 @@ def _check(subject: Subject, loo: Tensor, test_rows: list[int], count: int) -> d
             "pearson": pearson}
 
 
-def _feature_pushes(inf: Influence, subject: Subject, test_row: int, indices: list[int]
-                    ) -> list[list[tuple[str, float]]]:
-    """For tabular data: per training point, its three features whose perturbation changes
-    the test loss most (I_pert,loss, the paper's §5.3), as (name, ∂ test loss / ∂ feature)."""
-    test = (subject.test[0][test_row:test_row + 1], subject.test[1][test_row:test_row + 1])
+def _feature_pushes(inf: Influence, subject: Subject, test: tuple[Tensor, Tensor],
+                    indices: list[int]) -> dict[tuple[int, int], list[tuple[str, float]]]:
+    """For tabular data: for each explained test point r and training point i of ``indices``,
+    the three features of i whose perturbation changes test loss r most (I_pert,loss/n, the
+    paper's §5.3), as (name, ∂ test loss / ∂ feature); keyed by (r, i). One solve for all."""
     try:
-        Q = inf.perturbation_influence(test, indices)[0] / inf.num_train_  # (k, d)
+        Q = inf.perturbation_influence(test, indices) / inf.num_train_  # (m, k, d)
     except Exception as error:  # a model whose inputs are not differentiable (text)
         subject.notes.append(f"feature influence unavailable: {error}")
-        return [[] for _ in indices]
-    Q = Q.reshape(len(indices), -1)
-    names = subject.train_examples.feature_names or [f"x{k}" for k in range(Q.shape[1])]
-    pushes = []
-    for row in Q:
-        top = torch.argsort(row.abs(), descending=True)[:3].tolist()
-        pushes.append([(names[k] if k < len(names) else f"x{k}", float(row[k])) for k in top])
+        return {}
+    Q = Q.reshape(Q.shape[0], len(indices), -1)
+    names = subject.train_examples.feature_names or [f"x{k}" for k in range(Q.shape[2])]
+    pushes = {}
+    for r, rows in enumerate(Q):
+        for i, row in zip(indices, rows, strict=True):
+            top = torch.argsort(row.abs(), descending=True)[:3].tolist()
+            pushes[r, i] = [(names[k] if k < len(names) else f"x{k}", float(row[k]))
+                            for k in top]
     return pushes
+
+
+def _solver_choice(subject: Subject, solver: Any) -> tuple[Any, str, str]:
+    """The solver (given, or by the model's size), its name and why it was chosen."""
+    reason = "given with --solver"
+    if solver is None:
+        solver, reason = choose_solver(subject.model)
+    return solver, solver if isinstance(solver, str) else type(solver).__name__, reason
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def explain(subject: Subject, out: str | Path, *, test_index: list[int] | None = None,
@@ -364,9 +367,8 @@ def explain(subject: Subject, out: str | Path, *, test_index: list[int] | None =
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reason = "given with --solver"
-    if solver is None:
-        solver, reason = choose_solver(subject.model)
+    refit = _refitter(subject) if check else None  # refused before any work if impossible
+    solver, name, reason = _solver_choice(subject, solver)
     outputs = _outputs(subject.model, subject.test[0])
     with torch.no_grad():
         losses = subject.objective.test_loss(outputs, subject.test[1]).double()
@@ -387,35 +389,29 @@ def explain(subject: Subject, out: str | Path, *, test_index: list[int] | None =
     loo = -influence / inf.num_train_
     train_truth = _label_names(subject, subject.train[1])
     train_predicted = _predictions(subject, _outputs(subject.model, subject.train[0]))
-    points = []
-    for r, j in enumerate(rows):
-        order = torch.argsort(loo[r], descending=True)
-        helpful, harmful = order[:top_k].tolist(), order.flip(0)[:top_k].tolist()
-        pushes = (_feature_pushes(inf, subject, j, helpful + harmful)
-                  if subject.test_examples.modality == "table" else None)
+    order = torch.argsort(loo, dim=1, descending=True)
+    helpful, harmful = order[:, :top_k].tolist(), order.flip(1)[:, :top_k].tolist()
+    pushes = (_feature_pushes(inf, subject, test, sorted({i for r in range(len(rows))
+                                                          for i in helpful[r] + harmful[r]}))
+              if subject.test_examples.modality == "table" else {})
 
-        def entry(i: int, k: int, pushes: list | None = pushes, r: int = r) -> dict:
-            return {"index": i, "label": train_truth[i], "predicted": train_predicted[i],
-                    "loo_change": float(loo[r, i]),
-                    "features": pushes[k] if pushes else None}
+    def entry(r: int, i: int) -> dict:
+        return {"index": i, "label": train_truth[i], "predicted": train_predicted[i],
+                "loo_change": float(loo[r, i]), "features": pushes.get((r, i))}
 
-        points.append({"index": j, "label": truth[j], "predicted": predicted[j],
-                       "loss": float(losses[j]),
-                       "helpful": [entry(i, k) for k, i in enumerate(helpful)],
-                       "harmful": [entry(i, top_k + k) for k, i in enumerate(harmful)],
-                       "histogram": _histogram(loo[r])})
-    summary = {"solver": type(solver).__name__ if not isinstance(solver, str) else solver,
-               "solver_reason": reason, "solver_report": _solver_words(inf),
+    points = [{"index": j, "label": truth[j], "predicted": predicted[j],
+               "loss": float(losses[j]), "helpful": [entry(r, i) for i in helpful[r]],
+               "harmful": [entry(r, i) for i in harmful[r]], "histogram": _histogram(loo[r])}
+              for r, j in enumerate(rows)]
+    summary = {"solver": name, "solver_reason": reason, "solver_report": _solver_words(inf),
                "test_points": why, "num_train": inf.num_train_, "num_test": m,
                "model": subject.kind, "points": points, "notes": subject.notes,
                "loo_change": "predicted change of the test loss when the training point is "
                              "removed; positive = helpful (removing it raises the loss)"}
-    if check:
-        summary["check"] = _check(subject, loo, rows, check)
-    buffer = io.BytesIO()
-    np.savez(buffer, test_index=np.array(rows), loo_change=loo.numpy(),
-             influence=influence.numpy())
-    atomic_write_bytes(out / "scores.npz", buffer.getvalue())
+    if refit is not None:
+        summary["check"] = _check(subject, refit, loo, rows, losses[rows], check)
+    _write_npz(out / "scores.npz", test_index=np.array(rows), loo_change=loo.numpy(),
+               influence=influence.numpy())
     atomic_write_json(out / "explain.json", summary)
     atomic_write_text(out / "report.html", explain_page(summary, subject))
     return summary
@@ -438,9 +434,7 @@ def audit(subject: Subject, out: str | Path, *, top: int = 20, solver: Any = Non
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reason = "given with --solver"
-    if solver is None:
-        solver, reason = choose_solver(subject.model)
+    solver, name, reason = _solver_choice(subject, solver)
     inf = _make_influence(subject, solver, damping, curvature)
     scores = inf.self_influence().double()
     order = torch.argsort(scores).tolist()
@@ -452,15 +446,12 @@ def audit(subject: Subject, out: str | Path, *, top: int = 20, solver: Any = Non
     ranked = [{"index": i, "label": truth[i], "predicted": predicted[i],
                "self_influence": float(scores[i]), "loss": float(losses[i])}
               for i in order[:top]]
-    summary = {"solver": type(solver).__name__ if not isinstance(solver, str) else solver,
-               "solver_reason": reason, "solver_report": _solver_words(inf),
+    summary = {"solver": name, "solver_reason": reason, "solver_report": _solver_words(inf),
                "num_train": inf.num_train_, "ranked": ranked,
                "histogram": _histogram(scores), "notes": subject.notes,
                "self_influence": "I_up,loss(z_i, z_i); most negative first: the points that "
                                  "most hold up their own fit (check their labels first)"}
-    buffer = io.BytesIO()
-    np.savez(buffer, self_influence=scores.numpy(), order=np.array(order))
-    atomic_write_bytes(out / "self_influence.npz", buffer.getvalue())
+    _write_npz(out / "self_influence.npz", self_influence=scores.numpy(), order=np.array(order))
     atomic_write_json(out / "audit.json", summary)
     atomic_write_text(out / "report.html", audit_page(summary, subject))
     return summary

@@ -74,8 +74,9 @@ def _refuse_pickle(path: Path, what: str) -> None:
 
 
 def load_model(path: str | Path) -> tuple[str, Any]:
-    """``("sklearn", estimator)``, ``("torch", nn.Module)`` or ``("torchscript", path)`` (rebuilt
-    once data is at hand, :mod:`influencekit.torchscript`) from a saved model file."""
+    """``("sklearn", estimator)``, ``("torch", nn.Module)`` or ``("torchscript", module)`` (the
+    loaded TorchScript module, rebuilt once data is at hand: :mod:`influencekit.torchscript`)
+    from a saved model file."""
     path = Path(path)
     _refuse_pickle(path, "model")
     if not path.exists():
@@ -99,7 +100,7 @@ def load_model(path: str | Path) -> tuple[str, Any]:
         return "torch", exported_module(path)
     if suffix in TORCHSCRIPT_SUFFIXES:
         try:
-            torch.jit.load(str(path), map_location="cpu")
+            script = torch.jit.load(str(path), map_location="cpu")
         except Exception as error:  # a torch.save pickle, or not a model at all
             raise UnsafeFileError(
                 f"{path} is not a TorchScript archive ({type(error).__name__}); if it was "
@@ -107,7 +108,7 @@ def load_model(path: str | Path) -> tuple[str, Any]:
                 f"loads. Save the model with torch.jit.save(torch.jit.script(model), ...) or, "
                 f"better, torch.export.save(torch.export.export(model, (x,)), "
                 f"'model.pt2').") from error
-        return "torchscript", path
+        return "torchscript", script.eval()
     raise InputError(
         f"Unknown model format {path.suffix!r} ({path}). Expected a scikit-learn model saved "
         f"with skops (.skops), a torch.export archive (.pt2), a TorchScript file "
@@ -138,11 +139,14 @@ def load_examples(path: str | Path, label_column: str | None = None) -> Examples
     return examples
 
 
-def _image_modality(X: np.ndarray) -> bool:
-    return X.ndim == 3 or (X.ndim == 4 and X.shape[-1] in (1, 3))
-
-
-def _as_images(X: np.ndarray) -> np.ndarray:
+def shown_images(X: np.ndarray, channels_first: bool = False) -> np.ndarray | None:
+    """``X`` as images to show, ``(n, H, W)`` or ``(n, H, W, 3)`` scaled to [0, 1], or ``None``
+    if it does not hold images: ``(n, H, W)``, ``(n, H, W, 1 or 3)``, and with
+    ``channels_first`` also ``(n, 1 or 3, H, W)`` (PyTorch's layout)."""
+    if channels_first and X.ndim == 4 and X.shape[1] in (1, 3):
+        X = np.moveaxis(X, 1, -1)
+    if not (X.ndim == 3 or (X.ndim == 4 and X.shape[-1] in (1, 3))):
+        return None
     images = X[..., 0] if X.ndim == 4 and X.shape[-1] == 1 else X
     low, high = float(images.min()), float(images.max())
     return (images - low) / (high - low) if high > low else np.zeros_like(images, dtype=float)
@@ -162,11 +166,10 @@ def _npz(path: Path) -> Examples:
                          f"found {sorted(arrays)}.")
     X, y = arrays["X"], arrays["y"]
     _same_length(X, y, path)
-    image = _image_modality(X)
-    return Examples(X.astype(np.float64), y, "image" if image else "table",
+    images = shown_images(X)
+    return Examples(X.astype(np.float64), y, "table" if images is None else "image",
                     feature_names=_names(arrays.get("feature_names")),
-                    class_names=_names(arrays.get("class_names")),
-                    images=_as_images(X) if image else None)
+                    class_names=_names(arrays.get("class_names")), images=images)
 
 
 def _names(array: np.ndarray | None) -> list[str] | None:
@@ -225,10 +228,9 @@ def _pt(path: Path) -> Examples:
         raise InputError(f"{path} must hold {{'X': tensor, 'y': tensor}} or a tuple (X, y).")
     X, y = torch.as_tensor(X).numpy(), torch.as_tensor(y).numpy()
     _same_length(X, y, path)
-    image = _image_modality(X) or (X.ndim == 4 and X.shape[1] in (1, 3))
-    shown = np.moveaxis(X, 1, -1) if X.ndim == 4 and X.shape[1] in (1, 3) else X
-    return Examples(X.astype(np.float64), y, "image" if image else "table",
-                    images=_as_images(shown) if image else None)
+    images = shown_images(X, channels_first=True)
+    return Examples(X.astype(np.float64), y, "table" if images is None else "image",
+                    images=images)
 
 
 def _image_folder(path: Path) -> Examples:

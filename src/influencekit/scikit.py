@@ -185,9 +185,7 @@ def _svc(est: Any, n: int, temperature: float) -> tuple[nn.Module, Objective]:
     _refuse_class_weight(est)
     _require_binary(est, "SVC")
     decay = 1.0 / (n * float(est.C))
-    model = _linear_from(np.asarray(est.coef_.toarray() if hasattr(est.coef_, "toarray")
-                                    else est.coef_), np.asarray(est.intercept_), True)
-    return model, SmoothHingeObjective(temperature, weight_decay=_decay(decay, 0.0, est))
+    return _linear(est), SmoothHingeObjective(temperature, weight_decay=_decay(decay, 0.0, est))
 
 
 def _ridge(est: Any, n: int, temperature: float) -> tuple[nn.Module, Objective]:
@@ -311,6 +309,13 @@ def removal_refit_params(estimator: Any, n: int) -> dict[str, Any]:
 
 # --- helpers -----------------------------------------------------------------------------------
 
+def final_estimator(estimator: Any) -> Any:
+    """The estimator itself, or the last step of a (nested) ``Pipeline``: the one whose
+    parameters influence is taken over."""
+    steps = getattr(estimator, "steps", None)
+    return estimator if steps is None else final_estimator(steps[-1][1])
+
+
 def _final_step(estimator: Any, X: Any) -> tuple[Any, Any]:
     """The pipeline's last step and X passed through the steps before it."""
     steps = getattr(estimator, "steps", None)
@@ -387,7 +392,10 @@ def _output_count(est: Any) -> int:
 
 
 def _linear(est: Any) -> nn.Module:
-    coef = np.asarray(est.coef_, dtype=np.float64)
+    """``nn.Linear`` of a linear estimator's ``coef_`` (dense, or sparse as SVC may keep it) and
+    ``intercept_``; no bias without ``fit_intercept`` (SVC has none: always fitted)."""
+    coef = est.coef_.toarray() if hasattr(est.coef_, "toarray") else est.coef_
+    coef = np.asarray(coef, dtype=np.float64)
     coef = coef.reshape(1, -1) if coef.ndim == 1 else coef
     intercept = np.broadcast_to(np.asarray(est.intercept_, dtype=np.float64),
                                 (coef.shape[0],))

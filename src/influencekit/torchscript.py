@@ -99,16 +99,17 @@ def eager_module(script: Any, where: str = "the model") -> nn.Module:
     return _copy_state(script, BUILDERS[name](script)).eval()
 
 
-def rebuilt_and_checked(path: str | Path, example: Tensor) -> nn.Module:
-    """Load the TorchScript file at ``path``, rebuild it (:func:`eager_module`) and refuse the
-    result unless it gives the scripted module's outputs on ``example`` (to 1e-6 relative)."""
-    script = torch.jit.load(str(path), map_location="cpu").eval()
+def rebuilt_and_checked(script: Any, example: Tensor, source: str | Path = "the model"
+                        ) -> nn.Module:
+    """The eager twin of the loaded TorchScript module ``script`` (:func:`eager_module`),
+    refused unless it gives the scripted module's outputs on ``example`` (to 1e-6 relative).
+    ``source`` names the file in the error."""
     eager = eager_module(script)
     with torch.no_grad():
         expected, got = script(example), eager(example)
     scale = float(expected.abs().max()) or 1.0
     if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-6 * scale:
         raise UnsupportedTorchScriptError(
-            f"{path}: the rebuilt module's outputs differ from the TorchScript module's (its "
+            f"{source}: the rebuilt module's outputs differ from the TorchScript module's (its "
             f"forward is not the plain chain of its layers); save it with torch.export.")
     return eager
