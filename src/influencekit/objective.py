@@ -308,6 +308,12 @@ def _scores(outputs: Tensor) -> Tensor:
     return outputs.reshape(outputs.shape[0])
 
 
+def _margins(outputs: Tensor, targets: Tensor) -> Tensor:
+    """m = y·f(x) with labels read as ±1, shape ``(b,)``."""
+    s = _scores(outputs)
+    return _signed_labels(targets.reshape(s.shape), s.dtype) * s
+
+
 def _check_binary(outputs: Tensor, targets: Tensor, name: str) -> None:
     _check_batch(outputs, targets, name)
     _require(
@@ -336,9 +342,7 @@ class BinaryLogisticObjective(Objective):
     convex_in_output = True
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        s = _scores(outputs)
-        y = _signed_labels(targets.reshape(s.shape), s.dtype)
-        return F.softplus(-y * s)
+        return F.softplus(-_margins(outputs, targets))
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         _check_binary(outputs, targets, "BinaryLogisticObjective")
@@ -363,8 +367,7 @@ class SmoothHingeObjective(Objective):
                                                   temperature)
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        s = _scores(outputs)
-        margin = _signed_labels(targets.reshape(s.shape), s.dtype) * s
+        margin = _margins(outputs, targets)
         if self.temperature == 0.0:
             return torch.relu(1.0 - margin)
         t = self.temperature
@@ -385,9 +388,7 @@ class SquaredHingeObjective(Objective):
     convex_in_output = True
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        s = _scores(outputs)
-        margin = _signed_labels(targets.reshape(s.shape), s.dtype) * s
-        return torch.relu(1.0 - margin).pow(2)
+        return torch.relu(1.0 - _margins(outputs, targets)).pow(2)
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         _check_binary(outputs, targets, "SquaredHingeObjective")
