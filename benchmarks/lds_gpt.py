@@ -120,6 +120,18 @@ def train(ids: Tensor, vocabulary: int, layers: int, epochs: int, seed: int) -> 
     return model.eval()
 
 
+def ground_truth_store(train_on, queries: Tensor, args: argparse.Namespace,
+                       progress: bool = False, share: tuple[int, int] = (0, 1)):
+    """The subset-retraining ground truth in ``OUT/lds-gpt-truth`` (computed where missing with
+    ``train_on(indices, seed)``); its key holds the recipe and the settings it depends on."""
+    key = (f"lds_gpt {RECIPE}: train {args.train}, queries {args.queries}, layers "
+           f"{args.layers}, epochs {args.epochs}")
+    return retrain_on_subsets(train_on, loss_measurement(objective(), (queries, queries)),
+                              n=args.train, subsets=args.subsets,
+                              out=Path(args.out) / "lds-gpt-truth", key=key, progress=progress,
+                              share=share)
+
+
 def _influence(model: nn.Module, ids: Tensor, solver, damping: float) -> ik.Influence:
     return ik.Influence(model, objective(), (ids, ids), solver=solver, damping=damping,
                         curvature="gauss-newton", stationarity_tol=None, chunk_size=32)
@@ -323,11 +335,7 @@ def main() -> None:
         return train(ids[indices], vocabulary, args.layers, args.epochs, seed % 2**31)
 
     def truth(share: tuple[int, int]):
-        key = (f"lds_gpt {RECIPE}: train {args.train}, queries {args.queries}, layers "
-               f"{args.layers}, epochs {args.epochs}")
-        return retrain_on_subsets(train_on, loss_measurement(objective(), (queries, queries)),
-                                  n=len(ids), subsets=args.subsets, out=Path(args.out) /
-                                  "lds-gpt-truth", key=key, progress=share == (0, 1),
+        return ground_truth_store(train_on, queries, args, progress=share == (0, 1),
                                   share=share)
 
     if args.worker is not None:

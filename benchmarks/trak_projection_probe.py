@@ -24,8 +24,6 @@ sys.path.insert(0, str(HERE))
 import lds_common  # noqa: E402
 import lds_gpt  # noqa: E402
 
-from influencekit.validation import loss_measurement, retrain_on_subsets  # noqa: E402
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,15 +32,13 @@ def main() -> None:
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.0, 1e3, 1e4, 1e5])
     args = parser.parse_args()
     ids, queries, vocabulary = lds_gpt.sequences(500, 32)
-    key = "lds_gpt v1: train 500, queries 32, layers 2, epochs 6"
+    settings = argparse.Namespace(out=args.out, train=500, queries=32, layers=2, epochs=6,
+                                  subsets=32)  # lds_gpt.py's defaults
 
     def untrained(indices, seed):
         raise RuntimeError("the ground truth is not cached: run lds_gpt.py first")
 
-    truth = retrain_on_subsets(untrained, loss_measurement(lds_gpt.objective(),
-                                                           (queries, queries)),
-                               n=len(ids), subsets=32, out=Path(args.out) / "lds-gpt-truth",
-                               key=key, progress=False)
+    truth = lds_gpt.ground_truth_store(untrained, queries, settings)
     torch.set_num_threads(2)
     model = lds_gpt.train(ids, vocabulary, 2, 6, 0)
     inf = lds_gpt._influence(model, ids, "cg", 0.1).fit()
