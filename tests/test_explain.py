@@ -141,7 +141,7 @@ def test_explain_text_lines_with_a_vectorizer_pipeline(tmp_path):
     assert "fun but dull" in page and "boring but fun" in page
 
 
-def test_explain_a_torch_export_archive(tmp_path):
+def test_explain_a_torch_export_archive(tmp_path, monkeypatch):
     torch.manual_seed(0)
     X = torch.randn(60, 4)
     y = (X[:, 0] + 0.5 * X[:, 1] > 0).long()
@@ -163,10 +163,14 @@ def test_explain_a_torch_export_archive(tmp_path):
     expected = eager.loo_change((X[:10][rows], (1 - y[:10])[rows])).numpy()
     np.testing.assert_allclose(scores["loo_change"], expected, rtol=1e-4, atol=1e-7)
     # a saved network has no training recipe: --check is refused, before any fit
-    with pytest.raises(ik.InputError, match="--check needs a way to retrain"):
-        from influencekit.explain import explain
+    import influencekit.explain as explaining
 
-        explain(load_subject(str(tmp_path / "model.pt2"), str(tmp_path / "train.npz"),
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before refusing --check")
+
+    monkeypatch.setattr(explaining, "_make_influence", no_fit)
+    with pytest.raises(ik.InputError, match="--check needs a way to retrain"):
+        explaining.explain(load_subject(str(tmp_path / "model.pt2"), str(tmp_path / "train.npz"),
                              str(tmp_path / "test.npz")), tmp_path / "checked", check=3)
     assert not (tmp_path / "checked" / "scores.npz").exists()
 
