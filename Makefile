@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "influencekit needs Python 3.11+; set PYTHON=python3.11"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,sec52]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -42,7 +42,7 @@ BENCH_OUT  ?= outputs/bench
 $(BENCH_VENV)/.installed-stamp: benchmarks/setup-env.sh pyproject.toml
 	PYTHON=$(PYTHON) bash benchmarks/setup-env.sh $(BENCH_VENV)
 
-bench: $(BENCH_VENV)/.installed-stamp
+bench: $(BENCH_VENV)/.installed-stamp $(STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/bench_solvers.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/compare.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/scaling.py --out $(BENCH_OUT)
@@ -55,6 +55,7 @@ bench: $(BENCH_VENV)/.installed-stamp
 	$(BENCH_VENV)/bin/python benchmarks/lds_mlp.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/lds_gpt.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/trak_projection_probe.py --out $(BENCH_OUT)
+	$(BIN)/python benchmarks/sec52_candidates.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) outputs .pytest_cache .ruff_cache

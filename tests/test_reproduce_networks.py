@@ -25,7 +25,7 @@ from influencekit.reproduce.networks import (
     train_feature_extractor,
 )
 from influencekit.reproduce.runner import run_experiment
-from influencekit.reproduce.sec52_attack import (
+from influencekit.reproduce.sec52_attack_digits import (
     TopLayerAttack,
     correctly_classified,
     direct_flip_rate,
@@ -170,19 +170,19 @@ def test_sec51_quick_rbf_influence_is_local_and_same_class_network_is_not(tmp_pa
         assert (tmp_path / "sec51-rbf-vs-network" / figure).stat().st_size > 0
 
 
-def test_sec52_quick_attack_is_invisible_and_follows_the_first_order_prediction(
+def test_sec52_digits_quick_attack_is_invisible_and_follows_the_first_order_prediction(
         tmp_path: Path) -> None:
-    results = _quick("sec52-attack", tmp_path)
+    results = _quick("sec52-attack-digits", tmp_path)
     assert results["budget_linf"] < 1 / 32 and results["invisible_after_quantisation"] == 1.0
     assert results["n_targets"] == 6
     assert results["success_rate_1"] <= results["success_rate_2"] <= results["success_rate_10"]
     assert results["median_margin_reduction_1"] > 3 * abs(
         results["median_margin_reduction_random_1"])
     assert results["first_step_pearson"] >= 0.95
-    assert (tmp_path / "sec52-attack" / "sec52_attack.png").stat().st_size > 0
+    assert (tmp_path / "sec52-attack-digits" / "sec52_attack_digits.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", ["sec51-rbf-vs-network", "sec52-attack"])
+@pytest.mark.parametrize("name", ["sec51-rbf-vs-network", "sec52-attack", "sec52-attack-digits"])
 def test_dog_fish_experiments_refuse_data_they_cannot_load(name: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no loader"):
         run_experiment(reproduce.get(name), tmp_path, quick=True, data=tmp_path)

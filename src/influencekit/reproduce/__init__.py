@@ -14,8 +14,8 @@ from .runner import Record, run_all, run_experiment, summary_table
 
 # The paper's order; experiments found but not listed come after, alphabetically.
 ORDER = ("fig1-components", "fig2-logreg", "fig2-cnn", "fig3-hinge", "sec51-rbf-vs-network",
-         "sec52-attack", "sec53-domain-mismatch", "sec54-mislabel")
-_INFRASTRUCTURE = {"base", "runner", "common"}
+         "sec52-attack", "sec52-attack-digits", "sec53-domain-mismatch", "sec54-mislabel")
+_INFRASTRUCTURE = {"base", "runner", "common", "networks", "efficientnet_lite", "logistic_top"}
 
 
 def experiments() -> dict[str, Experiment]:
