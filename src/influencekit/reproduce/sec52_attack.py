@@ -25,10 +25,11 @@ Here, with the same design on what ships with the dependencies:
   the network, at the new pixels and the new optimum) after every step; it stops when the
   target's prediction flips. The budgets ε ∈ {0.5, 1, 2}/255 are nested: up to :data:`STEPS`
   steps in the 0.5/255 box, then up to :data:`STEPS` more in the 1/255 box from where those
-  ended, then in the 2/255 box, so a larger budget never does worse than a smaller one (a fixed
-  small step, because the network is far from linear at these sizes; on three trial targets, steps of
-  ε/4 = 0.5/255 from the clean image did worse than steps of 0.125/255). At 0.5/255 the box is 0.4995/255 wide so that rounding to
-  8 bits gives back the original image exactly. A target flipped with fewer images counts as
+  ended, then in the 2/255 box, so a larger budget never does worse than a smaller one. The
+  step is fixed and small because the network is far from linear at these sizes: on three trial
+  targets, steps of ε/4 = 0.5/255 from the clean image did worse than steps of 0.125/255. At
+  0.5/255 the box is 0.4995/255 wide so that rounding to 8 bits gives back the original image
+  exactly. A target flipped with fewer images counts as
   flipped with more, and one flipped at a smaller budget as flipped at a larger one (as the
   paper counts images);
 - **controls**: (a) the same chosen images moved to a random corner of the same box (random
