@@ -33,6 +33,7 @@ from influencekit.reproduce.efficientnet_lite import (
 from influencekit.reproduce.logistic_top import LogisticTopLayer
 from influencekit.reproduce.networks import LogisticTop
 from influencekit.reproduce.runner import run_experiment
+from influencekit.reproduce.sec52_attack import PhotoAttack, budget, per_target
 from influencekit.training import minimize
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -96,6 +97,11 @@ def test_eval_features_are_deterministic_and_independent_of_the_batch(
         alone = lite0.features(x[1:2])
     assert torch.equal(first, second)
     assert torch.allclose(alone[0], first[1], rtol=1e-4, atol=1e-5)
+    attacked = Lite0Features(fold_batch_norms(copy.deepcopy(lite0))).to(
+        memory_format=torch.channels_last)  # the network the attack runs
+    with torch.no_grad():
+        assert torch.equal(attacked(x), attacked(x))
+        assert torch.allclose(attacked(x), first, rtol=1e-4, atol=1e-4)
 
 
 def test_folding_batch_norms_keeps_the_function(lite0: EfficientNetLite0) -> None:
@@ -206,6 +212,18 @@ def test_fast_top_layer_recovers_from_a_far_start_by_refactorising() -> None:
     assert float(layer.gradient(refit.theta).norm()) <= 1e-12
 
 
+def test_fast_top_layer_solves_several_columns_including_a_zero_one() -> None:
+    F, y, test, test_labels = _logistic_problem(seed=2)
+    layer = LogisticTopLayer(F, y, 0.01, tol=1e-12)
+    state = layer.fit()
+    rhs = layer.test_gradient(state.theta, test, test_labels)
+    rhs[:, 1] = 0.0
+    solution = layer.solve(state, rhs)
+    expected = torch.linalg.solve(layer.hessian(state.theta), rhs)
+    assert torch.equal(solution[:, 1], torch.zeros_like(solution[:, 1]))
+    assert torch.allclose(solution, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_fast_top_layer_checks_its_inputs() -> None:
     with pytest.raises(ValueError, match="float64"):
         LogisticTopLayer(torch.zeros(3, 2), torch.zeros(3), 0.1)
@@ -225,7 +243,7 @@ def test_sec52_quick_attack_stays_invisible_and_beats_its_controls(tmp_path: Pat
         by_budget = [results[f"success_rate_{k}_at_{level}"] for level in ("0.5", "1", "2")]
         assert by_budget == sorted(by_budget)  # the boxes are nested
     # the chosen direction moves the target; the same images at a random corner barely do
-    assert results["median_margin_reduction_1"] > 5 * abs(
+    assert results["median_margin_reduction_1"] > 3 * abs(
         results["median_margin_reduction_random_sign_1"])
     assert results["median_margin_reduction_1"] > 0.05
     assert (tmp_path / "sec52-attack" / "sec52_attack.png").stat().st_size > 0
@@ -233,3 +251,52 @@ def test_sec52_quick_attack_stays_invisible_and_beats_its_controls(tmp_path: Pat
     assert len(rows) == 3
     assert [r["k1_at_0.5"]["flipped"] for r in rows].count(True) == round(
         3 * results["success_rate_1"])
+
+
+@pytest.fixture(scope="module")
+def tiny_attack(lite0: EfficientNetLite0) -> PhotoAttack:
+    network = Lite0Features(fold_batch_norms(copy.deepcopy(lite0))).to(
+        memory_format=torch.channels_last)
+    return PhotoAttack(network, photos.photo_crops(10, 2, seed=5), seed=5)
+
+
+def _most_confident(setup: PhotoAttack) -> int:
+    margins = setup.layer.margins(setup.clean.theta, setup.test_features, setup.data.test_labels)
+    return int(margins.argmax())
+
+
+def test_attack_stays_in_its_nested_boxes_and_rounds_back_to_the_original(
+        tiny_attack: PhotoAttack) -> None:
+    target = _most_confident(tiny_attack)
+    ranked, directions, _, _ = tiny_attack.rank(target)
+    found = tiny_attack.attack(target, ranked[:1], directions[:1], (0.5, 1.0), steps=6,
+                               keep=True)
+    original = tiny_attack.train_pixels[ranked[:1]]
+    half = found[0.5]
+    assert not half.flipped  # this target holds at 0.5/255: the box must bind
+    change = float((half.perturbed - original).abs().max()) * 255
+    assert 0.49 < change <= 0.4995 + 1e-4
+    assert torch.equal(torch.round(half.perturbed * 255), torch.round(original * 255))
+    assert half.margin_after < half.margin_before  # the attack pushes towards a flip
+    whole = found[1.0]
+    assert whole.steps > half.steps
+    assert float((whole.perturbed - original).abs().max()) * 255 <= 1.0 + 1e-4
+    assert whole.flipped or whole.margin_after <= half.margin_after + 1e-9
+
+
+def test_controls_and_per_target_rows(tiny_attack: PhotoAttack) -> None:
+    target = _most_confident(tiny_attack)
+    report = tiny_attack.report(target, levels=(0.5, 1.0), sizes=(1, 2), steps=6)
+    assert report.ranked.shape == (2,)
+    assert set(report.random_corner) == {(0.5, 1), (0.5, 2), (1.0, 1), (1.0, 2)}
+    # a random corner of the same box barely moves the target; the attack moves it more
+    for (level, k), margin in report.random_corner.items():
+        assert abs(margin - report.margin) < abs(
+            report.attacks[level, k].margin_after - report.margin)
+    # the test image itself is far more fragile: its own attack flips it at 1/255 at the latest
+    assert report.test_time_flipped[1.0]
+    row = per_target(tiny_attack, [report])[0]
+    assert row["ranked"] == report.ranked.tolist()
+    assert row["k2_at_0.5"]["from_k"] in (1, 2)
+    assert row["k1_at_1"]["steps"] >= row["k1_at_0.5"]["steps"]
+    assert abs(budget(0.5) * 255 - 0.4995) < 1e-12 and budget(2.0) * 255 == pytest.approx(2.0)

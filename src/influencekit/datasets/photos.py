@@ -5,12 +5,15 @@ scikit-learn ships two 427×640 photos (``load_sample_images``): a temple among 
 made of square crops of its photo:
 
 - side s drawn uniformly from [:data:`MIN_SIDE`, :data:`MAX_SIDE`] pixels, top-left corner
-  uniformly inside the source region, mirrored left–right with probability ½, resized to 224×224
-  (Pillow's bicubic filter, which antialiases) and rounded to 8-bit RGB, as a stored photo is;
+  uniformly inside the source region, mirrored left–right with probability ½, upsampled to
+  224×224 (Pillow's bicubic filter, applied to the crop alone) and rounded to 8-bit RGB, as a
+  stored photo is;
 - **training** crops lie wholly in columns [0, :data:`TRAIN_COLUMNS`) of the photo, **test**
-  crops wholly in columns [:data:`TEST_FROM`, 640): the two regions share no pixel (a 32-column
-  gap keeps even the resampling kernels apart), so no test image is a near-duplicate of a
-  training image; training crops overlap each other, as photos of one scene do.
+  crops wholly in columns [:data:`TEST_FROM`, 640): the two regions share no pixel, and a
+  32-column gap keeps their borders apart, so no test image is a near-duplicate of a training
+  image; training crops overlap each other, as photos of one scene do;
+- training and test crops come from separate random streams of ``seed``, so the training set
+  does not depend on how many test crops are asked for.
 
 Nothing is downloaded: the photos are files inside scikit-learn's wheel.
 """
@@ -89,12 +92,12 @@ def photo_crops(train_per_class: int, test_per_class: int, seed: int = 0) -> Pho
         raise ValueError(f"need at least one crop per class, got train_per_class="
                          f"{train_per_class}, test_per_class={test_per_class}")
     photos = load_sample_images().images
-    rng = np.random.default_rng(seed)
+    train_rng, test_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
     train, test = [], []
     for photo in photos:
         width = photo.shape[1]
-        train.append(_crops(photo, (0, TRAIN_COLUMNS), train_per_class, rng))
-        test.append(_crops(photo, (TEST_FROM, width), test_per_class, rng))
+        train.append(_crops(photo, (0, TRAIN_COLUMNS), train_per_class, train_rng))
+        test.append(_crops(photo, (TEST_FROM, width), test_per_class, test_rng))
     labels = [torch.full((c,), k, dtype=torch.int64) for k, c in
               ((0, train_per_class), (1, train_per_class))]
     test_labels = [torch.full((c,), k, dtype=torch.int64) for k, c in

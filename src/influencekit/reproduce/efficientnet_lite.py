@@ -173,7 +173,8 @@ def _folded(conv: SameConv2d, norm: nn.BatchNorm2d) -> SameConv2d:
 
 
 def fold_batch_norms(network: EfficientNetLite0) -> EfficientNetLite0:
-    """The same function in ``eval()`` mode with every batch norm folded into its convolution.
+    """``network`` itself, changed in place: every batch norm folded into its convolution, in
+    ``eval()`` mode (deep-copy first to keep the original).
 
     Exact up to float rounding (the tests compare both); a third fewer kernels per pass, which is
     what the §5.2 attack's thousands of forward and backward passes spend their time on. The

@@ -13,10 +13,10 @@ the one :class:`~influencekit.BinaryLogisticObjective` and :class:`LogisticTop` 
 - a refit after a few rows of the features moved starts at the old optimum and takes steps
   θ ← θ − P⁻¹∇R(θ), P = H₀ corrected exactly (Woodbury, rank 2k) for the k moved rows, H₀⁻¹ taken
   once at the clean optimum (one Cholesky factorisation serves a whole attack); if a step does not
-  halve ‖∇R‖, H is factorised afresh at the current θ (Newton's method), so every refit ends at
-  ‖∇R‖ ≤ ``tol`` whatever the perturbation;
+  halve ‖∇R‖, H is factorised afresh at the current θ (a damped Newton step); a refit ends at
+  ‖∇R‖ ≤ ``tol`` or raises;
 - solves H(θ)v = g by conjugate gradients on Hessian-vector products, preconditioned by the same
-  P, to a relative residual of 1e-12;
+  P, to a relative (recursively updated) residual of 1e-12;
 - the feature-space I_pert,loss of training point i on test loss L_t (Koh & Liang eq. 5, with
   v = H⁻¹∇_θL_t and a_i = σ(−m_i)):
 
@@ -51,7 +51,8 @@ class LogisticState:
         theta: θ = (w, b), ``(d + 1,)``.
         inverse: H⁻¹ at ``inverse_theta`` on ``inverse_features`` (from its Cholesky factor; a
             dense inverse because applying it is one matrix product, several times faster on the
-            CPU than two triangular solves, and H is well conditioned: λ = 0.001 bounds it).
+            CPU than two triangular solves; only a preconditioner: every result is checked against
+            the true gradient and Hessian products).
         inverse_theta: where the inverse was taken.
         inverse_features: ``(n, d)`` the features it was taken on (rows moved since are corrected
             for exactly, see :meth:`LogisticTopLayer.preconditioner`).
@@ -169,7 +170,7 @@ class LogisticTopLayer:
         ``reuse``: a preconditioner built for the same features (only θ differs): its H₀⁻¹U is
         kept.
         """
-        if self.moved is not None and state.inverse_features is not self.features:
+        if self.moved is not None:
             moved = self.moved
         else:
             moved = torch.nonzero((self.features != state.inverse_features).any(dim=1)).flatten()
@@ -227,7 +228,8 @@ class LogisticTopLayer:
     def solve(self, state: LogisticState, rhs: Tensor, rtol: float = 1e-12) -> Tensor:
         """H(θ)⁻¹·rhs at θ = ``state.theta``, ``rhs`` ``(d + 1,)`` or ``(d + 1, q)``: conjugate
         gradients on Hessian-vector products (no H formed), preconditioned by
-        :meth:`preconditioner`, until ‖rhs − H·v‖ ≤ rtol·‖rhs‖ for every column."""
+        :meth:`preconditioner`, until the (recursively updated) residual is ≤ rtol·‖rhs‖ in
+        every column; converged columns (and zero ones) stop moving."""
         B = rhs[:, None] if rhs.ndim == 1 else rhs
         theta = state.theta
         apply = self.preconditioner(state, theta)
@@ -241,15 +243,18 @@ class LogisticTopLayer:
         for _ in range(self.max_steps):
             if bool((R.norm(dim=0) <= limit).all()):
                 return V[:, 0] if rhs.ndim == 1 else V
+            active = R.norm(dim=0) > limit
             HP = self.hessian_product(theta, P, curvature)
-            alpha = rz / (P * HP).sum(0)
+            curvature_along = (P * HP).sum(0)
+            alpha = torch.where(active, rz / torch.where(active, curvature_along, 1.0), 0.0)
             V = V + alpha * P
             R = R - alpha * HP
             Z = apply(R)
             rz_new = (R * Z).sum(0)
-            P = Z + (rz_new / rz) * P
+            beta = torch.where(active, rz_new / torch.where(active, rz, 1.0), 0.0)
+            P = Z + beta * P
             rz = rz_new
-        worst = float((R.norm(dim=0) / B.norm(dim=0)).max())
+        worst = float((R.norm(dim=0) / B.norm(dim=0).clamp_min(1e-300)).max())
         raise RuntimeError(f"solving with the top layer's Hessian stopped at relative residual "
                            f"{worst:.2e} (rtol {rtol:g})")
 

@@ -20,7 +20,8 @@ Here, with the same design on what ships with the dependencies:
   ‖I_pert,loss‖₁ over the pixels. The pixel gradient costs one backward pass through the network
   per image, so it is computed for the :data:`CANDIDATES` images with the largest feature-space
   ‖I_pert,loss‖₂ (a closed form over all 1,800), and ranked there;
-- **attack**: steps x ← Π_ε(x + α·sign(I_pert,loss(x))) with α = 0.125/255, Π_ε the projection
+- **attack**: steps x ← Π_ε(x + α·sign(I_pert,loss(x))) with α = ε₀/4 ≈ 0.125/255 (ε₀ the
+  0.5/255 box's half-width), Π_ε the projection
   on {|x − x₀| ≤ ε} ∩ [0, 1]³ˣ²²⁴ˣ²²⁴, the top layer retrained and I_pert,loss recomputed (through
   the network, at the new pixels and the new optimum) after every step; it stops when the
   target's prediction flips. The budgets ε ∈ {0.5, 1, 2}/255 are nested: up to :data:`STEPS`
@@ -28,16 +29,17 @@ Here, with the same design on what ships with the dependencies:
   ended, then in the 2/255 box, so a larger budget never does worse than a smaller one. The
   step is fixed and small because the network is far from linear at these sizes: on three trial
   targets, steps of ε/4 = 0.5/255 from the clean image did worse than steps of 0.125/255. At
-  0.5/255 the box is 0.4995/255 wide so that rounding to 8 bits gives back the original image
-  exactly. A target flipped with fewer images counts as
+  0.5/255 the box's half-width is 0.4995/255, so that rounding to 8 bits gives back the original
+  image exactly (an 8-bit save erases such an attack). A target flipped with fewer images counts as
   flipped with more, and one flipped at a smaller budget as flipped at a larger one (as the
   paper counts images);
 - **controls**: (a) the same chosen images moved to a random corner of the same box (random
-  signs), (b) :data:`RANDOM_CONTROL_K` random training images attacked the same way at
-  0.5/255, on the targets the chosen :data:`RANDOM_CONTROL_K` flip there (the comparison that
-  can tell whether the choice matters), (c) the same signed-step attack on the test image itself
-  with the model fixed (how fragile the network is at this ε: a reference for any training-set
-  attack);
+  signs; counted as the attack is: a flip with fewer images or a smaller budget counts), (b)
+  :data:`RANDOM_CONTROL_K` random training images attacked the same way at 0.5/255, on the
+  targets flipped there with at most :data:`RANDOM_CONTROL_K` chosen images (the comparison
+  that can tell whether the choice matters), (c) the same signed-step attack on the test image
+  itself with the model fixed (how fragile the network is at this ε: a reference for any
+  training-set attack);
 - **first-step agreement**: for k = 1 at 0.5/255, the predicted change of the target's test loss
   ⟨I_pert,loss, δ⟩/n against the change after retraining, over the targets; the same for a probe
   step of 0.001/255 along the same signs, where the network and the refit are close to linear.
@@ -92,7 +94,7 @@ class Attack:
     Attributes:
         flipped: whether the target's prediction flipped.
         indices: ``(k,)`` the perturbed training images.
-        steps: steps taken.
+        steps: steps taken, over this budget and the smaller ones before it.
         margin_before / margin_after: y_t·s(x_t) before the attack and after its last step.
         perturbed: ``(k, 3, 224, 224)`` the final pixels (kept for k = 1 only; else ``None``).
         predicted_first / actual_first: the first step's predicted and refitted change of the
@@ -115,6 +117,7 @@ class TargetReport:
 
     target: int
     margin: float
+    ranked: Tensor
     attacks: dict[tuple[float, int], Attack]
     random_corner: dict[tuple[float, int], float]
     random_images: Attack | None
@@ -128,9 +131,11 @@ class TargetReport:
 class PhotoAttack:
     """The frozen network, the data, their features and the clean top layer."""
 
-    def __init__(self, network: nn.Module, data: PhotoCrops, batch: int = BATCH) -> None:
+    def __init__(self, network: nn.Module, data: PhotoCrops, batch: int = BATCH,
+                 seed: int = 0) -> None:
         self.network = network
         self.data = data
+        self.seed = seed
         self.batch = batch
         self.train_pixels = as_tensor(data.train_images)
         self.test_pixels = as_tensor(data.test_images)
@@ -163,8 +168,14 @@ class PhotoAttack:
                                    self.data.test_labels[target : target + 1]))
 
     def test_loss(self, layer: LogisticTopLayer, state: LogisticState, target: int) -> float:
-        return float(torch.nn.functional.softplus(-torch.tensor(self.margin(layer, state,
-                                                                            target))))
+        """log(1 + exp(−y_t·s(x_t))), in float64."""
+        margin = layer.margins(state.theta, self.test_features[target : target + 1],
+                               self.data.test_labels[target : target + 1])
+        return float(torch.nn.functional.softplus(-margin))
+
+    def control_generator(self, target: int, tag: int) -> torch.Generator:
+        """A generator for one control draw, from the run's seed, the target and a tag."""
+        return generator(hash((self.seed, target, tag)) % (2**62))
 
     def feature_influence(self, layer: LogisticTopLayer, state: LogisticState, target: int,
                           rows: Tensor) -> Tensor:
@@ -214,7 +225,7 @@ class PhotoAttack:
         for level in levels:
             epsilon = budget(level)
             low, high = (original - epsilon).clamp(0, 1), (original + epsilon).clamp(0, 1)
-            for _ in range(0 if current.flipped else steps):
+            for step in range(0 if current.flipped else steps):
                 moved = torch.minimum(torch.maximum(x + step_size * direction.sign(), low), high)
                 if current.steps == 0:
                     current.predicted_first = float((direction * (moved - x)).sum()) / self.n
@@ -230,6 +241,8 @@ class PhotoAttack:
                 if current.margin_after < 0:
                     current.flipped = True
                     break
+                if level == levels[-1] and step == steps - 1:
+                    break  # no further step: no next direction needed
                 wrt = self.feature_influence(layer, state, target, chosen).to(f.dtype)
                 with torch.enable_grad():
                     (direction,) = torch.autograd.grad(f, x, wrt)
@@ -249,8 +262,8 @@ class PhotoAttack:
         for level in levels:
             for k in sizes:
                 original = self.train_pixels[ranked[:k]]
-                seed = 1000 * target + 10 * k + levels.index(level)
-                signs = torch.randint(0, 2, original.shape, generator=generator(seed))
+                signs = torch.randint(0, 2, original.shape, generator=self.control_generator(
+                    target, 100 * k + levels.index(level)))
                 moved.append((original + budget(level) * (2.0 * signs - 1.0)).clamp(0, 1))
                 owners += [(level, k)] * k
         features_moved = self.extract(torch.cat(moved))
@@ -324,12 +337,13 @@ class PhotoAttack:
                                           if attacks[lv, j].flipped)
         corners = self.random_corner_margins(target, ranked, levels, sizes)
         randoms = None
-        if attacks[levels[0], RANDOM_CONTROL_K].flipped:
-            random_images = torch.randperm(self.n, generator=generator(target))[
+        if RANDOM_CONTROL_K in sizes and attacks[levels[0], RANDOM_CONTROL_K].flipped:
+            random_images = torch.randperm(self.n, generator=self.control_generator(target, -1))[
                 :min(RANDOM_CONTROL_K, self.n)]
             randoms = self.attack(target, random_images, None, levels[:1], steps)[levels[0]]
         predicted, actual = self.probe(target, ranked[:1], directions[:1])
-        return TargetReport(target, self.margin(self.layer, self.clean, target), attacks,
+        return TargetReport(target, self.margin(self.layer, self.clean, target),
+                            ranked[: max(sizes)], attacks,
                             corners, randoms, self.test_time_attack(target, levels, steps),
                             predicted, actual, share, l1)
 
@@ -339,7 +353,8 @@ def prepare(settings: RunSettings) -> PhotoAttack:
     train, test = (20, 4) if settings.quick else (900, 150)
     network = Lite0Features(fold_batch_norms(pretrained_lite0())).to(
         memory_format=torch.channels_last)
-    return PhotoAttack(network, photo_crops(train, test, seed=settings.seed))
+    return PhotoAttack(network, photo_crops(train, test, seed=settings.seed),
+                       seed=settings.seed)
 
 
 def choose_targets(setup: PhotoAttack, count: int, seed: int) -> Tensor:
@@ -412,8 +427,9 @@ def summarise(setup: PhotoAttack, reports: list[TargetReport]) -> dict[str, floa
         key = level_key(level)
         for k in ATTACK_SIZES:
             metrics[f"success_rate_{k}_at_{key}"] = rates(reports, level, k)
-            metrics[f"random_sign_rate_{k}_at_{key}"] = float(np.mean(
-                [r.random_corner[level, k] < 0 for r in reports]))
+            metrics[f"random_sign_rate_{k}_at_{key}"] = float(np.mean(  # counted as the attack
+                [any(r.random_corner[lv, j] < 0 for lv in LEVELS if lv <= level
+                     for j in ATTACK_SIZES if j <= k) for r in reports]))
         metrics[f"test_image_attack_rate_at_{key}"] = float(np.mean(
             [r.test_time_flipped[level] for r in reports]))
     for k in ATTACK_SIZES:
@@ -474,7 +490,7 @@ def per_target(setup: PhotoAttack, reports: list[TargetReport]) -> list[dict]:
         row = {"test_index": r.target,
                "class": CLASS_NAMES[int(setup.data.test_labels[r.target])].split(" ")[0],
                "margin": r.margin, "top1_share": r.top1_share,
-               "chosen": r.attacks[LEVELS[-1], ATTACK_SIZES[-1]].indices.tolist(),
+               "ranked": r.ranked.tolist(),
                "test_image_attack_flipped": {f"{lv:g}": v for lv, v in
                                              r.test_time_flipped.items()},
                "random_images_flipped": None if r.random_images is None
@@ -483,6 +499,8 @@ def per_target(setup: PhotoAttack, reports: list[TargetReport]) -> list[dict]:
             row[f"k{k}_at_{level_key(level)}"] = {
                 "flipped": attack.flipped, "steps": attack.steps,
                 "margin_after": attack.margin_after,
+                # a flip with fewer images counts here: that attack's k, if it is another's
+                "from_k": len(attack.indices),
                 "random_sign_margin": r.random_corner[level, k]}
         rows.append(row)
     return rows
