@@ -36,7 +36,7 @@ def main() -> None:
     everyone = torch.arange(setup.n)
     rows = []
     for target in targets.tolist():
-        ranked, _, _, _ = setup.rank(target)
+        ranked, _, _ = setup.rank(target)
         wrt = setup.feature_influence(setup.layer, setup.clean, target, everyone)
         pixels = torch.cat([setup.pixel_gradient(setup.train_pixels[s : s + 100],
                                                  wrt[s : s + 100])[0].abs().flatten(1).sum(1)

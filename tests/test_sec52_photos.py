@@ -268,7 +268,7 @@ def _most_confident(setup: PhotoAttack) -> int:
 def test_attack_stays_in_its_nested_boxes_and_rounds_back_to_the_original(
         tiny_attack: PhotoAttack) -> None:
     target = _most_confident(tiny_attack)
-    ranked, directions, _, _ = tiny_attack.rank(target)
+    ranked, directions, _ = tiny_attack.rank(target)
     found = tiny_attack.attack(target, ranked[:1], directions[:1], (0.5, 1.0), steps=6,
                                keep=True)
     original = tiny_attack.train_pixels[ranked[:1]]

@@ -75,6 +75,7 @@ RANDOM_CONTROL_K = 10
 PROBE_LEVEL = 0.001
 BATCH = 10
 PAPER_RATES = {1: 0.57, 2: 0.77, 10: 590 / 591}
+SHORT_NAMES = tuple(name.split(" ")[0] for name in CLASS_NAMES)  # ("china", "flower")
 
 
 def budget(level: float) -> float:
@@ -125,7 +126,6 @@ class TargetReport:
     probe_predicted: float
     probe_actual: float
     top1_share: float
-    candidate_l1: Tensor
 
 
 class PhotoAttack:
@@ -169,9 +169,24 @@ class PhotoAttack:
 
     def test_loss(self, layer: LogisticTopLayer, state: LogisticState, target: int) -> float:
         """log(1 + exp(−y_t·s(x_t))), in float64."""
-        margin = layer.margins(state.theta, self.test_features[target : target + 1],
-                               self.data.test_labels[target : target + 1])
+        margin = torch.tensor(self.margin(layer, state, target), dtype=torch.float64)
         return float(torch.nn.functional.softplus(-margin))
+
+    def layer_with(self, rows: Tensor, values: Tensor | None = None) -> LogisticTopLayer:
+        """A top layer on a copy of the clean features whose ``rows`` are ``values`` (or are
+        left for the caller to move), with those rows as its ``moved`` hint."""
+        features = self.features.clone()
+        if values is not None:
+            features[rows] = values
+        layer = LogisticTopLayer(features, self.data.train_labels, WEIGHT_DECAY)
+        layer.moved = rows
+        return layer
+
+    @staticmethod
+    def box(original: Tensor, level: float) -> tuple[Tensor, Tensor]:
+        """The bounds of {|x − original| ≤ ε} ∩ [0, 1] for the budget ``level``."""
+        epsilon = budget(level)
+        return (original - epsilon).clamp(0, 1), (original + epsilon).clamp(0, 1)
 
     def control_generator(self, target: int, tag: int) -> torch.Generator:
         """A generator for one control draw, from the run's seed, the target and a tag."""
@@ -183,19 +198,17 @@ class PhotoAttack:
         return layer.perturbation_influence(state, self.test_features[target : target + 1],
                                             self.data.test_labels[target : target + 1], rows)[0]
 
-    def rank(self, target: int, candidates: int = CANDIDATES) -> tuple[Tensor, Tensor, Tensor,
-                                                                        float]:
-        """Candidates by pixel ‖I_pert,loss‖₁: (indices, their pixel I_pert,loss, L1 norms, the
-        top image's share of the feature-space ‖I_pert,loss‖₂ summed over all training images)."""
+    def rank(self, target: int, candidates: int = CANDIDATES) -> tuple[Tensor, Tensor, float]:
+        """Candidates by pixel ‖I_pert,loss‖₁: (indices, their pixel I_pert,loss, the top image's
+        share of the feature-space ‖I_pert,loss‖₂ summed over all training images)."""
         everyone = torch.arange(self.n)
         wrt_features = self.feature_influence(self.layer, self.clean, target, everyone)
         sizes = wrt_features.norm(dim=1)
         pool = sizes.topk(min(candidates, self.n)).indices
         pixels, _ = self.pixel_gradient(self.train_pixels[pool], wrt_features[pool])
-        l1 = pixels.abs().flatten(1).sum(1)
-        order = l1.argsort(descending=True)
+        order = pixels.abs().flatten(1).sum(1).argsort(descending=True)
         share = float(sizes[pool[order[0]]] / sizes.sum())
-        return pool[order], pixels[order], l1[order], share
+        return pool[order], pixels[order], share
 
     def attack(self, target: int, chosen: Tensor, direction: Tensor | None,
                levels: tuple[float, ...], steps: int = STEPS,
@@ -208,9 +221,8 @@ class PhotoAttack:
         ``chosen`` at the clean point (computed here when ``None``). Returns the state after each
         budget; once the prediction flips, the larger budgets report the same flip.
         """
-        features = self.features.clone()
-        layer = LogisticTopLayer(features, self.data.train_labels, WEIGHT_DECAY)
-        layer.moved = chosen
+        layer = self.layer_with(chosen)
+        features = layer.features
         state = self.clean
         margin_before = self.margin(layer, state, target)
         loss_before = self.test_loss(layer, state, target)
@@ -223,10 +235,9 @@ class PhotoAttack:
         current = Attack(False, chosen, 0, margin_before, margin_before)
         results: dict[float, Attack] = {}
         for level in levels:
-            epsilon = budget(level)
-            low, high = (original - epsilon).clamp(0, 1), (original + epsilon).clamp(0, 1)
+            low, high = self.box(original, level)
             for step in range(0 if current.flipped else steps):
-                moved = torch.minimum(torch.maximum(x + step_size * direction.sign(), low), high)
+                moved = (x + step_size * direction.sign()).clamp(low, high)
                 if current.steps == 0:
                     current.predicted_first = float((direction * (moved - x)).sum()) / self.n
                 x = moved.detach().clone().requires_grad_(True)
@@ -270,10 +281,7 @@ class PhotoAttack:
         margins: dict[tuple[float, int], float] = {}
         for key in dict.fromkeys(owners):
             rows = [i for i, owner in enumerate(owners) if owner == key]
-            features = self.features.clone()
-            features[ranked[: key[1]]] = features_moved[rows]
-            layer = LogisticTopLayer(features, self.data.train_labels, WEIGHT_DECAY)
-            layer.moved = ranked[: key[1]]
+            layer = self.layer_with(ranked[: key[1]], features_moved[rows])
             margins[key] = self.margin(layer, layer.fit(self.clean), target)
         return margins
 
@@ -290,14 +298,13 @@ class PhotoAttack:
         flipped: dict[float, bool] = {}
         done = False
         for level in levels:
-            epsilon = budget(level)
-            low, high = (original - epsilon).clamp(0, 1), (original + epsilon).clamp(0, 1)
+            low, high = self.box(original, level)
             for _ in range(0 if done else steps):
                 pending = x.detach().clone().requires_grad_(True)
                 with torch.enable_grad():
                     (gradient,) = torch.autograd.grad(self.network(pending)[0] @ weight,
                                                       pending)
-                x = torch.minimum(torch.maximum(x - step_size * gradient.sign(), low), high)
+                x = (x - step_size * gradient.sign()).clamp(low, high)
                 margin = sign * float(self.extract(x)[0] @ theta[:-1] + theta[-1])
                 if margin < 0:
                     done = True
@@ -311,16 +318,14 @@ class PhotoAttack:
         step = PROBE_LEVEL / 255.0 * direction.sign()
         moved = (self.train_pixels[chosen] + step).clamp(0, 1)
         predicted = float((direction * (moved - self.train_pixels[chosen])).sum()) / self.n
-        features = self.features.clone()
-        features[chosen] = self.extract(moved)
-        layer = LogisticTopLayer(features, self.data.train_labels, WEIGHT_DECAY)
+        layer = self.layer_with(chosen, self.extract(moved))
         before = self.test_loss(self.layer, self.clean, target)
         return predicted, self.test_loss(layer, layer.fit(self.clean), target) - before
 
     def report(self, target: int, levels: tuple[float, ...] = LEVELS,
                sizes: tuple[int, ...] = ATTACK_SIZES, steps: int = STEPS) -> TargetReport:
         """All attacks and controls on one target (module doc)."""
-        ranked, directions, l1, share = self.rank(target)
+        ranked, directions, share = self.rank(target)
         attacks: dict[tuple[float, int], Attack] = {}
         for k in sizes:
             # budgets where fewer images already flipped the target count as flipped here too
@@ -345,7 +350,7 @@ class PhotoAttack:
         return TargetReport(target, self.margin(self.layer, self.clean, target),
                             ranked[: max(sizes)], attacks,
                             corners, randoms, self.test_time_attack(target, levels, steps),
-                            predicted, actual, share, l1)
+                            predicted, actual, share)
 
 
 def prepare(settings: RunSettings) -> PhotoAttack:
@@ -393,16 +398,15 @@ def draw_figure(setup: PhotoAttack, reports: list[TargetReport], metrics: dict[s
     def probability(margin: float) -> float:
         return float(torch.sigmoid(torch.tensor(margin)))
 
-    names = ("china", "flower")
     label = int(setup.data.test_labels[report.target])
     figure, grid = plots.new_figure(1, 5, figsize=(15.0, 3.4),
                                     gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.6]})
     axes = grid[0]
     panels = [
         (setup.test_pixels[report.target],
-         f"test image ({names[label]})\nP(correct) {probability(attack.margin_before):.3f} → "
+         f"test image ({SHORT_NAMES[label]})\nP(correct) {probability(attack.margin_before):.3f} → "
          f"{probability(attack.margin_after):.3f}"),
-        (original, f"training image #{i} ({names[int(setup.data.train_labels[i])]})"),
+        (original, f"training image #{i} ({SHORT_NAMES[int(setup.data.train_labels[i])]})"),
         (perturbed, f"perturbed (|δ| ≤ {level:g}/255)\n{attack.steps} steps"),
         ((delta / (2 * epsilon) + 0.5).clamp(0, 1),
          f"δ, amplified ×{1 / (2 * epsilon):.0f} (grey = 0)"),
@@ -460,7 +464,7 @@ def summarise(setup: PhotoAttack, reports: list[TargetReport]) -> dict[str, floa
         metrics[f"median_margin_{name}_1"] = float(np.median(margins[chosen])) \
             if chosen.any() else float("nan")
     labels = np.array([int(setup.data.test_labels[r.target]) for r in reports])
-    for label, name in enumerate(("china", "flower")):
+    for label, name in enumerate(SHORT_NAMES):
         mine = labels == label
         metrics[f"targets_{name}"] = int(mine.sum())
         metrics[f"median_margin_{name}"] = float(np.median(margins[mine])) if mine.any() \
@@ -495,7 +499,7 @@ def per_target(setup: PhotoAttack, reports: list[TargetReport]) -> list[dict]:
     rows = []
     for r in reports:
         row = {"test_index": r.target,
-               "class": CLASS_NAMES[int(setup.data.test_labels[r.target])].split(" ")[0],
+               "class": SHORT_NAMES[int(setup.data.test_labels[r.target])],
                "margin": r.margin, "top1_share": r.top1_share,
                "ranked": r.ranked.tolist(),
                "test_image_attack_flipped": {f"{lv:g}": v for lv, v in
