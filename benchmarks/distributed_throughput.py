@@ -88,6 +88,9 @@ def work(out: Path, threads: int) -> None:
         torch.save(scores, out / f"{name}-scores.pt")
     if distributed.rank() == 0:
         (out / "times.json").write_text(json.dumps(results, indent=2))
+    if distributed_run:
+        distributed.barrier()
+        dist.destroy_process_group()  # gloo can abort at exit without it
 
 
 def main() -> None:

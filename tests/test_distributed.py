@@ -69,6 +69,10 @@ SCRIPT = textwrap.dedent('''
     results["index"] = torch.cat([torch.from_numpy(a.copy()) for _, a in index.blocks()])
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/results.safetensors")
+    if dist.is_initialized():
+        # without this, gloo's worker threads can abort the interpreter as it shuts down
+        dist.barrier()
+        dist.destroy_process_group()
 ''')
 
 
@@ -78,10 +82,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, Path, Pa
     script = folder / "job.py"
     script.write_text(f"SOLVERS = {SOLVERS!r}\n" + SCRIPT)
     single, double = folder / "single", folder / "double"
-    subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=900)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", str(script), str(double), "distributed"],
-                   check=True, timeout=900)
+    for command in ([sys.executable, str(script), str(single)],
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     "--nproc_per_node", "2", str(script), str(double), "distributed"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
     return (load_file(single / "results.safetensors"), load_file(double / "results.safetensors"),
             single, double)
 
@@ -105,6 +110,8 @@ def test_the_stores_of_two_processes_hold_what_one_process_writes(runs: tuple) -
         for shard in shards:
             a = np.load(single / f"{name}-scores" / shard)
             b = np.load(double / f"{name}-scores" / shard)
-            assert np.allclose(a, b, rtol=1e-10, atol=1e-14 * np.abs(a).max()), shard
+            # relative to the shard's norm, as the in-memory results: entries near zero
+            # differ by ~1e-13 of the largest (summation order of the all-reduces)
+            assert np.linalg.norm(a - b) <= 1e-10 * np.linalg.norm(a), shard
         assert (double / f"{name}-scores" / "complete.json").exists()
         assert ik.open_store(double / f"{name}-scores").complete
