@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 from tqdm.auto import tqdm
 
 from . import arguments, cache, distributed, layers, memory, stationarity
@@ -51,6 +50,7 @@ from .errors import (
     StaleFitError,
     StationarityWarning,
 )
+from .gradient_norms import squared_gradient_norms
 from .gradients import GradientComputer
 from .inputs import batch_size, rows_of
 from .objective import Objective
@@ -345,12 +345,13 @@ class Influence:
         def local_pass() -> None:
             for rows, X, y in self._batches(self.train_data, "checking training data",
                                             local=True):
-                self._check_batch(gradients, theta, rows, X, y, self.train_data, test=False)
-
-                def batch_loss(th: Tensor, X: Tensor = X, y: Tensor = y) -> Tensor:
-                    return gradients.losses(th, X, y).sum()
-
-                total.add_(grad(batch_loss)(theta))
+                # one forward and one backward: the checks look at the same outputs
+                leaf = theta.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    outputs = gradients.tracked.forward(leaf, X)
+                    losses = self._check_batch(gradients, theta, rows, X, y, self.train_data,
+                                               test=False, outputs=outputs)
+                    total.add_(torch.autograd.grad(losses.sum(), leaf)[0])
 
         distributed.together(local_pass)
         distributed.all_reduce(total)
@@ -363,12 +364,16 @@ class Influence:
         sample = torch.linspace(0, n - 1, min(n, STATIONARITY_SAMPLE)).round().long().unique()
         X, y = self.train_data.take(sample, self._device(), self._dtype())
 
+        rest = layers.find_blocks(gradients.tracked)[1]
+        # from the layers' inputs and output gradients; per-example gradients only for the rest
+        step = self.chunk_size if not rest.numel() else gradient_chunk(self.chunk_size, theta)
+
         def squared_norms(positions: Tensor) -> Tensor:
             """‖∇L(z_i)‖² of the sample's examples at ``positions`` (k, 1), as (k, 1)."""
             Xs, ys = rows_of(X, positions[:, 0]), y[positions[:, 0]]
             out = torch.zeros(len(positions), 1, dtype=theta.dtype, device=theta.device)
-            for s in _slices(len(positions), gradient_chunk(self.chunk_size, theta)):
-                out[s, 0] = gradients.train(theta, rows_of(Xs, s), ys[s]).pow(2).sum(dim=1)
+            for s in _slices(len(positions), step):
+                out[s, 0] = squared_gradient_norms(gradients, theta, rows_of(Xs, s), ys[s])
             return out
 
         # each process differentiates a share of the sample
@@ -384,18 +389,23 @@ class Influence:
         return check
 
     def _check_batch(self, gradients: GradientComputer, theta: Tensor, rows: slice, X: Tensor,
-                     y: Tensor, data: ExampleSet, test: bool) -> None:
+                     y: Tensor, data: ExampleSet, test: bool,
+                     outputs: Tensor | None = None) -> Tensor:
+        """Finite data, the objective fits the outputs, finite per-example losses; returns the
+        losses. ``outputs``: the model's outputs on X if already computed (the losses are then
+        computed from them, keeping their graph)."""
         name = data.name
         check_finite(X, y, rows, name)
-        with torch.no_grad():
-            outputs = gradients.tracked.forward(theta, X)  # a tensor (huggingface.model_output)
-            try:
-                self.objective.check(outputs, y)
-            except ObjectiveMismatchError as error:
-                raise ObjectiveMismatchError(
-                    f"{error} ({name}: {data.describe()}; model output "
-                    f"{tuple(outputs.shape[1:])} per example)") from None
-            losses = gradients.losses(theta, X, y, test=test)
+        if outputs is None:
+            with torch.no_grad():
+                outputs = gradients.tracked.forward(theta, X)  # a tensor (huggingface)
+        try:
+            self.objective.check(outputs.detach(), y)
+        except ObjectiveMismatchError as error:
+            raise ObjectiveMismatchError(
+                f"{error} ({name}: {data.describe()}; model output "
+                f"{tuple(outputs.shape[1:])} per example)") from None
+        losses = (self.objective.test_loss if test else self.objective.train_loss)(outputs, y)
         method = "test_loss" if test else "train_loss"
         if losses.shape != (batch_size(X),):
             raise ObjectiveMismatchError(
@@ -408,6 +418,7 @@ class Influence:
             f"The {'test measurement' if test else 'training loss'} is NaN or infinite on {name} "
             "example(s) {where}. Check the model's outputs there (overflow, log of zero); the "
             "influence of a non-finite loss is undefined.")
+        return losses
 
     def _require_fitted(self, check_model: bool = True) -> None:
         if not hasattr(self, "theta_"):
@@ -576,6 +587,10 @@ class Influence:
         data = self._test_set(test)
         held = self.queries_held()
         if held is None or len(data) <= held:
+            scorer = self._factored_scorer(data)
+            if scorer is not None:
+                return -self._dot_train_gradients(None, "scoring training points",
+                                                  scorer=scorer)
             return -self._dot_train_gradients(self._solved(data), "scoring training points")
         parts, reports = [], []
         for start in range(0, len(data), held):
@@ -611,20 +626,65 @@ class Influence:
         self.solver.last_report = combine_reports(reports)
         return S
 
-    def _dot_train_gradients(self, S: Tensor, description: str,
-                             rows: slice | None = None) -> Tensor:
+    def _factored_scorer(self, data: ExampleSet, offset: int = 0) -> LayerScorer | None:
+        """A layer scorer whose queries K-FAC/EK-FAC preconditioned in factored form, never
+        forming the (m, p) solved queries (:mod:`influencekit.factored_queries`); ``None`` where
+        that route does not apply. It applies with ``query_rank``, layer scoring, a K-FAC or
+        EK-FAC solver without ``verify`` (its residual needs the dense queries), no gradient
+        cache, every tracked parameter in a Linear/Conv2d/Embedding layer, and one position per
+        query in every layer (fully connected layers; a convolution's T > 1 positions take the
+        dense route)."""
+        from .solvers.kfac import KFAC
+
+        solver = self.solver
+        if (self.query_rank is None or self.scoring == "gradients"
+                or not isinstance(solver, KFAC) or solver.verify
+                or self._gradient_cache is not None or not solver.blocks_
+                or (solver.fallback_ is not None and solver.fallback_.numel())):
+            return None
+        objective = self.gradients_.objective
+        parts: list[list[tuple[Tensor, Tensor]]] = []
+        with evaluation_mode(self.model):
+            for idx, X, y in self._batches(data, "test signals"):
+                shown = slice(offset + idx.start, offset + idx.stop)
+                self._check_batch(self.gradients_, self.theta_, shown, X, y, data, test=True)
+
+                def summed(outputs: Tensor, y: Tensor = y) -> tuple[Tensor, None]:
+                    return objective.test_loss(outputs, y).sum(), None
+
+                signals = layers.layer_signals(self.tracked_, self.theta_, X, solver.blocks_,
+                                               summed)[1]
+                if any(a.shape[1] != 1 for a, _ in signals):
+                    return None  # several positions per query: the dense route
+                flat = [(a[:, 0], s[0, :, 0]) for a, s in signals]
+                _finite(torch.cat([v for pair in flat for v in pair], dim=1), shown, "test")
+                parts.append(flat)
+        signals = [(torch.cat([part[k][0] for part in parts]),
+                    torch.cat([part[k][1] for part in parts])) for k in range(len(parts[0]))]
+        return LayerScorer.from_factors(self, solver.factored_queries(signals, self.query_rank),
+                                        self.query_rank)
+
+    def _dot_train_gradients(self, S: Tensor | None, description: str,
+                             rows: slice | None = None,
+                             scorer: LayerScorer | None = None) -> Tensor:
         """S · ∇_θ L(z_i) for every training point (or those in ``rows``), ``(k, n)``, in one
-        pass over the data.
+        pass over the data; or the same for the queries a ``scorer`` holds (then ``S`` is not
+        needed).
 
         Without a gradient cache the per-example gradients stay split by parameter tensor and
         the product is a sum of per-block products, plus S·(λ ⊙ θ̂) for the regulariser's share.
         """
         if rows is None and distributed.active() and self._gradient_cache is None:
             local = self.train_data.local_rows(self.chunk_size)
-            part = distributed.together(lambda: self._dot_train_gradients(S, description, local))
+            part = distributed.together(
+                lambda: self._dot_train_gradients(S, description, local, scorer))
             return distributed.gather_columns(part, local, self.num_train_)
         first, last = (0, self.num_train_) if rows is None else (rows.start, rows.stop)
-        out = torch.empty(S.shape[0], last - first, dtype=S.dtype, device=S.device)
+        if scorer is not None:
+            m, dtype, device = scorer.m, self._dtype(), self._device()
+        else:
+            m, dtype, device = S.shape[0], S.dtype, S.device
+        out = torch.empty(m, last - first, dtype=dtype, device=device)
         if self._gradient_cache is not None:
             for part, G in self._train_gradient_chunks(description):
                 lo, hi = max(part.start, first), min(part.stop, last)
@@ -635,8 +695,9 @@ class Influence:
                                                rows),
                        desc=description, leave=False, disable=not self.progress,
                        total=math.ceil((last - first) / self.chunk_size))
-        if self.scoring == "layers" or (self.scoring == "auto" and layer_path_applies(self)):
-            scorer = LayerScorer(self, S, self.query_rank)
+        if scorer is not None or self.scoring == "layers" or (
+                self.scoring == "auto" and layer_path_applies(self)):
+            scorer = scorer if scorer is not None else LayerScorer(self, S, self.query_rank)
             with evaluation_mode(self.model):
                 for part, X, y in batches:
                     block = scorer.scores(X, y)

@@ -36,6 +36,7 @@ from .inputs import batch_size
 from .layers import find_blocks, layer_signals, weight_matrix
 
 if TYPE_CHECKING:
+    from .factored_queries import LayerQueries
     from .influence import Influence
 
 
@@ -105,22 +106,59 @@ class LayerScorer:
     """sᵀg_i for a block of queries S (m, p) and any batch of training examples."""
 
     def __init__(self, influence: Influence, S: Tensor, query_rank: int | None = None) -> None:
+        self._layout(influence, query_rank)
+        self.queries = [weight_matrix(block, S) for block in self.blocks]  # (m, out, in)
+        self.rest_queries = S[:, self.rest]
+        self.regulariser = S @ (influence.gradients_.decay * influence.theta_)
+        self.m = S.shape[0]
+        if query_rank is not None:
+            self._truncate(query_rank, S)
+
+    def _layout(self, influence: Influence, query_rank: int | None) -> None:
         self.influence = influence
         tracked = influence.tracked_
         self.blocks, self.rest = find_blocks(tracked)
         covered = {f"{b.name}.weight" if b.name else "weight" for b in self.blocks} | {
             f"{b.name}.bias" if b.name else "bias" for b in self.blocks if b.bias is not None}
         self.rest_names = [name for name in tracked.names if name not in covered]
-        self.queries = [weight_matrix(block, S) for block in self.blocks]  # (m, out, in)
-        self.rest_queries = S[:, self.rest]
-        gradients = influence.gradients_
-        self.regulariser = S @ (gradients.decay * influence.theta_)
         self.report = ScoringReport("layers", query_rank=query_rank,
                                     rest_parameters=int(self.rest.numel()))
         self.factors: list[tuple[Tensor, Tensor] | None] = [None] * len(self.blocks)
-        self.m = S.shape[0]
-        if query_rank is not None:
-            self._truncate(query_rank, S)
+
+    @classmethod
+    def from_factors(cls, influence: Influence, layers: list[LayerQueries],
+                     query_rank: int) -> LayerScorer:
+        """A scorer for queries already kept as Q ≈ U Vᵀ in every layer
+        (:mod:`influencekit.factored_queries`); every tracked parameter must sit in a layer.
+        The regulariser's share is Σ_l u_lᵀ (λ ⊙ W) v_l per layer."""
+        scorer = cls.__new__(cls)
+        scorer._layout(influence, query_rank)
+        if scorer.rest_names:
+            raise ValueError("factored queries need every tracked parameter in a layer")
+        scorer.m = layers[0].U.shape[0]
+        scorer.layer_queries = layers
+        dtype = influence.theta_.dtype
+        decayed = (influence.gradients_.decay * influence.theta_)[None]
+        scorer.queries = [None] * len(scorer.blocks)
+        scorer.rest_queries = None
+        scorer.regulariser = torch.zeros(scorer.m, dtype=torch.float64,
+                                         device=influence.theta_.device)
+        squared_errors = torch.zeros_like(scorer.regulariser)
+        squared_norms = torch.zeros_like(scorer.regulariser)
+        for index, (block, layer) in enumerate(zip(scorer.blocks, layers, strict=True)):
+            W = weight_matrix(block, decayed)[0].double()  # (out, in)
+            scorer.regulariser += ((W @ layer.V.double()) * layer.U.double()).sum(dim=(1, 2))
+            squared_errors += layer.squared_error
+            squared_norms += layer.squared_norm
+            scorer.report.query_error[block.name] = float(
+                (layer.squared_error / layer.squared_norm.clamp_min(1e-300)).sqrt().max())
+            U, V = layer.U.to(dtype), layer.V.to(dtype)
+            scorer.factors[index] = (U.permute(1, 0, 2).reshape(U.shape[1], -1),
+                                     V.permute(1, 0, 2).reshape(V.shape[1], -1))
+        scorer.regulariser = scorer.regulariser.to(dtype)
+        scorer.report.total_query_error = float(
+            (squared_errors / squared_norms.clamp_min(1e-300)).sqrt().max())
+        return scorer
 
     def _truncate(self, rank: int, S: Tensor) -> None:
         """Q ≈ U Vᵀ per query and layer: Q projected on the span of its r leading left singular
@@ -152,6 +190,8 @@ class LayerScorer:
         self.report.total_query_error = float((squared_errors / total).sqrt().max())
 
     def _method(self, index: int, T: int, out_features: int, in_features: int) -> str:
+        if self.queries[index] is None:
+            return "low-rank"  # kept factored (from_factors): no dense query to use
         costs = {"direct": self.m * T * out_features * in_features,
                  "outer": T * out_features * in_features + self.m * out_features * in_features}
         if self.factors[index] is not None:

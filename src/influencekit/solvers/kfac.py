@@ -86,6 +86,7 @@ from tqdm.auto import tqdm
 from .. import arguments, distributed
 from ..curvature import HessianOperator
 from ..errors import CacheMismatchError, IndefiniteHessianError
+from ..factored_queries import LayerQueries, inverse_factors, layer_queries, shared_rank
 from ..inputs import Inputs, map_inputs, rows_of
 from ..layers import (
     LayerBlock,
@@ -509,6 +510,28 @@ class KFAC(ApproximateInverse):
             out[:, self.fallback_] = (V[:, self.fallback_]
                                       / (self.fallback_diagonal_ + shift) ** power)
         return out
+
+    def factored_queries(self, signals: list[tuple[Tensor, Tensor]], rank: int
+                         ) -> list[LayerQueries]:
+        """The preconditioned queries of every block, rank ``rank``, kept factored
+        (:mod:`influencekit.factored_queries`), from their inputs a (m, in) and output gradients
+        s (m, out) per block (one position per query). Sets :attr:`last_report` as a solve
+        would (the residual is not measured). Needs no fallback parameters."""
+        if self.fallback_ is not None and self.fallback_.numel():
+            raise ValueError("factored queries need every tracked parameter in a layer")
+        damping = self.operator.damping
+        layers = []
+        for block, (a, s) in zip(self.blocks_, signals, strict=True):
+            denominator = block.scale + block.decay + damping
+            shared = shared_rank(rank, block.out_features, block.in_features)
+            layers.append(layer_queries(a, s, block.Q_A, block.Q_S, denominator,
+                                        inverse_factors(denominator, shared), rank))
+        note = (f"queries preconditioned in factored form and kept at rank {rank} per layer "
+                "(their error is in the scoring report)")
+        self.last_report = self._report(float("nan"), None, tolerance=self.tol,
+                                        details=self._details(), notes=(*self._notes(), note),
+                                        **self._report_fields())
+        return layers
 
     def _notes(self) -> tuple[str, ...]:
         notes = super()._notes()

@@ -3,7 +3,9 @@
 ``Influence.score(test, out=folder, kind="loo_change", top_k=10)`` never holds the (m, n) matrix:
 
 1. it solves the m queries once, S = A⁻¹ ∇_θ L_test (one block solve), and keeps S in the store
-   (shard ``queries``), so a resumed job does not solve again;
+   (shard ``queries``), so a resumed job does not solve again; where ``Influence.influence``
+   keeps the queries factored (``query_rank`` with K-FAC/EK-FAC,
+   :mod:`influencekit.factored_queries`), the store keeps those factors instead;
 2. for each block of ``shard_size`` training points it computes the scores of all m queries
    against them (one pass of per-example gradients over the block) and commits them as shard
    ``scores-NNNNNN``, an (m, block) array;
@@ -41,6 +43,8 @@ from tqdm.auto import tqdm
 from .. import arguments, cache, distributed
 from ..data import ExampleSet
 from ..errors import CacheMismatchError, InvalidSettingError
+from ..factored_queries import LayerQueries
+from ..scoring import LayerScorer
 from ..version import __version__
 from .gradients import GradientStore, Projector
 from .shards import ShardFolder
@@ -111,7 +115,12 @@ def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_cha
     folder = ShardFolder(out, _header(influence, queries, kind, top_k, shard_size, data_id,
                                       store))
     blocks = [slice(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
-    S = None if kind == "self_influence" else _queries(influence, test, folder)
+    S = scorer = None
+    if kind != "self_influence":
+        if store is None:
+            scorer = _factored_queries(influence, test, folder)
+        if scorer is None:
+            S = _queries(influence, test, folder)
     stored = None
     if store is not None:
         S = Projector(influence, store.projection()).queries(S)
@@ -124,7 +133,8 @@ def score(influence: Influence, test: Any, out: str | Path, kind: str = "loo_cha
         # self-influence solves are collective: every process takes part in every block
         if not distributed.owns(index) and kind != "self_influence":
             continue
-        block = _block(influence, kind, S, rows, None if stored is None else stored[index])
+        block = _block(influence, kind, S, rows, None if stored is None else stored[index],
+                       scorer)
         if distributed.owns(index):
             folder.write(name, block.cpu().numpy(), rows=[rows.start, rows.stop])
     distributed.barrier()
@@ -168,15 +178,43 @@ def _queries(influence: Influence, test: Any, folder: ShardFolder) -> Tensor:
     return S
 
 
+def _factored_queries(influence: Influence, test: Any, folder: ShardFolder
+                      ) -> LayerScorer | None:
+    """The queries kept factored through K-FAC/EK-FAC where that route applies (as in
+    ``Influence.influence``, so the stored scores equal the in-memory ones), from the store if a
+    previous run committed them (shards ``query-factors-L-U``, ``-V``, ``-squared_error``,
+    ``-squared_norm`` per layer L); ``None`` where the dense route applies."""
+    fields = ("U", "V", "squared_error", "squared_norm")
+    if folder.record("query-factors-0-U") is not None:
+        layers, index = [], 0
+        while folder.record(f"query-factors-{index}-U") is not None:
+            arrays = [torch.from_numpy(np.array(folder.read(f"query-factors-{index}-{name}")))
+                      .to(influence._device()) for name in fields]
+            layers.append(LayerQueries(*arrays))
+            index += 1
+        return LayerScorer.from_factors(influence, layers, influence.query_rank)
+    scorer = influence._factored_scorer(influence._test_set(test))
+    if scorer is None:
+        return None
+    if distributed.rank() == 0:
+        for index, layer in enumerate(scorer.layer_queries):
+            for name in fields:
+                folder.write(f"query-factors-{index}-{name}",
+                             getattr(layer, name).detach().cpu().numpy())
+    distributed.barrier()
+    return scorer
+
+
 def _block(influence: Influence, kind: str, S: Tensor | None, rows: slice,
-           stored: np.ndarray | None) -> Tensor:
-    """The scores of shard ``rows``: from the training gradients or a gradient store's rows."""
+           stored: np.ndarray | None, scorer: LayerScorer | None = None) -> Tensor:
+    """The scores of shard ``rows``: from the training gradients (or the factored queries of
+    ``scorer``) or a gradient store's rows."""
     if kind == "self_influence":
         return influence._self_influence_rows(rows)
     if stored is not None:
         block = -(S @ torch.from_numpy(np.array(stored)).to(S.device, S.dtype).T)
     else:
-        block = -influence._dot_train_gradients(S, "scoring training points", rows)
+        block = -influence._dot_train_gradients(S, "scoring training points", rows, scorer)
     return block if kind == "influence" else -block / influence.num_train_
 
 
