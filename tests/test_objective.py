@@ -104,3 +104,26 @@ def test_objective_must_implement_train_loss() -> None:
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete()  # type: ignore[abstract]
+
+
+def test_cross_entropy_output_hessian_in_closed_form_equals_autodiff() -> None:
+    from torch.func import hessian, vmap
+
+    objective = ik.CrossEntropyObjective()
+    g = torch.Generator().manual_seed(0)
+    outputs = 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    targets = torch.randint(5, (6,), generator=g)
+
+    def loss(f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return objective.train_loss(f[None], t[None]).sum()
+
+    torch.testing.assert_close(objective.output_hessian(outputs, targets),
+                               vmap(hessian(loss))(outputs, targets), rtol=1e-12, atol=1e-14)
+
+    class Smoothed(ik.CrossEntropyObjective):  # another loss: no closed form is claimed
+        def train_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(outputs, targets, reduction="none",
+                                                     label_smoothing=0.1)
+
+    assert Smoothed().output_hessian(outputs, targets) is None
+    assert ik.MSEObjective().output_hessian(outputs, outputs) is None

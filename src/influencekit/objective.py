@@ -107,6 +107,11 @@ class Objective(ABC):
         """
         _check_batch(outputs, targets, type(self).__name__)
 
+    def output_hessian(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """``(b, K, K)``: ∇²_f ℓ(f_i, y_i) per example in closed form for outputs ``(b, K)``,
+        or ``None`` (the default), in which case it is formed by automatic differentiation."""
+        return None
+
     def position_hessian_roots(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
         """``(b, T, V, V)`` if ℓ is a sum over positions t of terms that each depend on the
         outputs at t only (outputs ``(b, T, V)``): a square root L_t of the Hessian of ℓ in f_t,
@@ -261,6 +266,15 @@ class CrossEntropyObjective(Objective):
 
     def train_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets.long(), reduction="none")
+
+    def output_hessian(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """diag(p) − p pᵀ with p = softmax(f), the Hessian of −log softmax(f)_y in f (the same
+        for every label). ``None`` for a subclass that redefines ``train_loss``, whose Hessian
+        this need not be."""
+        if type(self).train_loss is not CrossEntropyObjective.train_loss or outputs.ndim != 2:
+            return None
+        p = torch.softmax(outputs.detach(), dim=-1)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         name = "CrossEntropyObjective"

@@ -309,7 +309,9 @@ class KFAC(ApproximateInverse):
         def loss(f: Tensor, target: Tensor) -> Tensor:
             return objective.train_loss(f.reshape(1, *shape), target.unsqueeze(0)).sum()
 
-        H = vmap(hessian(loss))(flat, y)  # (b, K, K)
+        H = objective.output_hessian(outputs.detach(), y)  # closed form, where there is one
+        if H is None:
+            H = vmap(hessian(loss))(flat, y)  # (b, K, K)
         roots = _symmetric_roots(H).to(flat.dtype)
         return roots.permute(2, 0, 1).reshape(-1, b, *shape)  # column c of L_i at [c, i]
 
