@@ -45,6 +45,7 @@ $(BENCH_VENV)/.installed-stamp: benchmarks/setup-env.sh pyproject.toml
 bench: $(BENCH_VENV)/.installed-stamp $(STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/bench_solvers.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/compare.py --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python benchmarks/compare_problems.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/scaling.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/kronecker_refinement.py --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python benchmarks/distributed_throughput.py --out $(BENCH_OUT)

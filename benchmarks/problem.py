@@ -1,28 +1,44 @@
-"""The shared benchmark problem and its exact reference, built once and cached on disk.
+"""The shared benchmark problems and their exact references, built once and cached on disk.
 
-Model: MLP 64-256-256-10 with tanh (85,002 parameters) on scikit-learn's digits, 70/30 stratified
-split (seed 0): 1,257 training / 540 test images, float32. Trained with Adam (lr 1e-3, weight
-decay 1e-4, batch 64, 200 epochs), then polished with full-batch L-BFGS in float64 on
-mean cross-entropy + (1e-4/2)‖θ‖² until ‖∇‖ ≤ 3e-6 (without the polish the Hessian is
-indefinite). Influence is taken with the Hessian of the mean cross-entropy (no regulariser, as the
-peers compute it) plus damping 1e-3, for the first 100 test points against all training points.
+``mlp-digits`` (the README's main table): MLP 64-256-256-10 with tanh (85,002 parameters) on
+scikit-learn's digits, 70/30 stratified split (seed 0): 1,257 training / 540 test images,
+float32. Trained with Adam (lr 1e-3, weight decay 1e-4, batch 64, 200 epochs), then polished
+with full-batch L-BFGS in float64 on mean cross-entropy + (1e-4/2)‖θ‖² until ‖∇‖ ≤ 3e-6
+(without the polish the Hessian is indefinite). Influence is taken with the Hessian of the mean
+cross-entropy (no regulariser, as the peers compute it) plus damping 1e-3, for the first 100
+test points against all training points.
 
-Reference: I_up,loss (100 × 1,257) from the float64 model, block CG to relative residual 1e-10.
+Three more problems (``PROBLEMS``), chosen to differ in architecture, activation, data and size
+from the one the methods were tuned on, trained and scored by the same recipe (their epochs and
+polish cap are in their settings):
 
-Only torch and scikit-learn are needed to *load* the problem (peer environments import this file
-too); building it uses influencekit.
+- ``gelu-mlp-cancer``: MLP 30-192-256-2, GELU (55,874 parameters), on scikit-learn's breast
+  cancer data (standardised with the training split's mean and deviation), 398 / 171;
+- ``cnn-digits``: a ReLU CNN on the 8×8 digit images (conv 3×3 1→32, conv 3×3 32→64, 2×2
+  average pooling, linear 1,024→10; 29,066 parameters), 1,257 / 540;
+- ``silu-mlp-generated``: MLP 40-256-256-8, SiLU (78,344 parameters), on 5,000 points of
+  ``make_classification`` (8 classes, 20 informative of 40 features, 2% flipped labels,
+  seed 0; standardised), 3,500 / 1,500.
+
+Reference: I_up,loss (100 × n) from the float64 model, block CG preconditioned by EK-FAC to
+relative residual 1e-10 (the residual is measured, not the recurrence's estimate).
+
+Only torch and scikit-learn are needed to *load* a problem (peer environments import this file
+too); building one uses influencekit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+DEFAULT = "mlp-digits"
 SETTINGS = {
     "model": "MLP 64-256-256-10, tanh, 85,002 parameters",
     "data": "scikit-learn digits, 70/30 stratified split (seed 0): 1,257 train / 540 test",
@@ -32,15 +48,45 @@ SETTINGS = {
     "damping": 1e-3,
     "num_test": 100,
     "dtype": "float32",
-    "reference": "float64 block CG, relative residual 1e-10",
+    "reference": "float64 block CG, EK-FAC preconditioner, relative residual 1e-10",
 }
-VERSION = "1"  # bump when the recipe changes: the cache is keyed on it
+VERSION = "1"  # bump when a training recipe changes: the caches are keyed on it (and on
+#                SETTINGS, which names the reference solve)
+
+Data = tuple[Tensor, Tensor, Tensor, Tensor]  # X_train, y_train, X_test, y_test (X float64)
 
 
 def build_model() -> nn.Module:
-    """The architecture (weights come from the cache)."""
+    """The architecture of ``mlp-digits`` (weights come from the cache)."""
     return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
                          nn.Linear(256, 10))
+
+
+def _gelu_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(30, 192), nn.GELU(), nn.Linear(192, 256), nn.GELU(),
+                         nn.Linear(256, 2))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                         nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
+
+
+def _silu_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(40, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(),
+                         nn.Linear(256, 8))
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    """How one problem is made: its data (float64 inputs), architecture and training recipe."""
+
+    settings: dict
+    data: Callable[[], Data]
+    build_model: Callable[[], nn.Module]
+    epochs: int = 200
+    polish_iterations: int = 20_000
 
 
 @dataclass
@@ -54,22 +100,86 @@ class Problem:
     y_test: Tensor
     damping: float
     reference: Tensor  # (num_test, n) I_up,loss, float64
+    name: str = DEFAULT
 
     def loss_fn(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy: the objective whose Hessian every method inverts."""
         return nn.functional.cross_entropy(outputs, targets)
 
 
-def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+def _split(X: Tensor, y: Tensor, standardise: bool) -> Data:
     from sklearn.model_selection import train_test_split
+
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.3, random_state=0,
+                                                        stratify=y)
+    if standardise:
+        mean, std = X_train.mean(0), X_train.std(0).clamp_min(1e-12)
+        X_train, X_test = (X_train - mean) / std, (X_test - mean) / std
+    return X_train, y_train, X_test, y_test
+
+
+def _digits() -> Data:
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
     X = torch.tensor(bunch.data, dtype=torch.float64) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.3, random_state=0,
-                                                        stratify=y)
-    return X_train, y_train, X_test, y_test
+    return _split(X, torch.tensor(bunch.target, dtype=torch.long), standardise=False)
+
+
+def _digit_images() -> Data:
+    X_train, y_train, X_test, y_test = _digits()
+    return X_train.reshape(-1, 1, 8, 8), y_train, X_test.reshape(-1, 1, 8, 8), y_test
+
+
+def _cancer() -> Data:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    X = torch.tensor(bunch.data, dtype=torch.float64)
+    return _split(X, torch.tensor(bunch.target, dtype=torch.long), standardise=True)
+
+
+def _generated() -> Data:
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=5000, n_features=40, n_informative=20, n_redundant=10,
+                               n_classes=8, n_clusters_per_class=1, flip_y=0.02,
+                               random_state=0)
+    return _split(torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.long),
+                  standardise=True)
+
+
+def _settings(model: str, data: str, epochs: int, polish: int) -> dict:
+    return {**SETTINGS, "model": model, "data": data,
+            "training": f"Adam lr 1e-3, weight decay 1e-4, batch 64, {epochs} epochs; full-batch "
+                        f"L-BFGS polish (float64) to gradient norm <= 3e-6, at most {polish:,} "
+                        "iterations"}
+
+
+PROBLEMS: dict[str, ProblemSpec] = {
+    DEFAULT: ProblemSpec(SETTINGS, _digits, build_model),
+    "gelu-mlp-cancer": ProblemSpec(
+        _settings("MLP 30-192-256-2, GELU, 55,874 parameters",
+                  "scikit-learn breast cancer, standardised, 70/30 stratified split (seed 0): "
+                  "398 train / 171 test", 200, 5000), _cancer, _gelu_mlp, 200, 5000),
+    "cnn-digits": ProblemSpec(
+        _settings("CNN conv3x3 1-32, ReLU, conv3x3 32-64, ReLU, avgpool 2, linear 1024-10; "
+                  "29,066 parameters", "scikit-learn digits as 1x8x8 images, 70/30 stratified "
+                  "split (seed 0): 1,257 train / 540 test", 100, 5000),
+        _digit_images, _cnn, 100, 5000),
+    "silu-mlp-generated": ProblemSpec(
+        _settings("MLP 40-256-256-8, SiLU, 78,344 parameters",
+                  "make_classification(5000, 40 features, 20 informative, 10 redundant, "
+                  "8 classes, flip_y 0.02, seed 0), standardised, 70/30 stratified split "
+                  "(seed 0): 3,500 train / 1,500 test", 60, 5000),
+        _generated, _silu_mlp, 60, 5000),
+}
+
+
+def spec(name: str) -> ProblemSpec:
+    if name not in PROBLEMS:
+        raise KeyError(f"unknown benchmark problem {name!r}; expected one of {list(PROBLEMS)}")
+    return PROBLEMS[name]
 
 
 def atomic_save(payload: dict, path: Path) -> None:
@@ -81,13 +191,10 @@ def atomic_save(payload: dict, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _train(seed: int = 0) -> tuple[nn.Module, dict]:
-    X_train, y_train, _, _ = _digits()
-    return train_model(X_train, y_train, seed)
-
-
 def train_model(X_train: Tensor, y_train: Tensor, seed: int = 0,
-                polish_iterations: int = 20_000) -> tuple[nn.Module, dict]:
+                polish_iterations: int = 20_000,
+                build: Callable[[], nn.Module] = build_model,
+                epochs: int = 200) -> tuple[nn.Module, dict]:
     """The recipe of SETTINGS["training"] on the given points (float64 X): Adam then the
     L-BFGS polish (at most ``polish_iterations``); returns the float64 model and a record of
     the polish."""
@@ -95,11 +202,11 @@ def train_model(X_train: Tensor, y_train: Tensor, seed: int = 0,
     from influencekit.training import minimize
 
     torch.manual_seed(seed)
-    model = build_model()
+    model = build()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     X32 = X_train.float()
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(200):
+    for _ in range(epochs):
         order = torch.randperm(len(y_train), generator=generator)
         for start in range(0, len(order), 64):
             batch = order[start : start + 64]
@@ -113,50 +220,64 @@ def train_model(X_train: Tensor, y_train: Tensor, seed: int = 0,
                    "polish_iterations": report.iterations, "seed": seed}
 
 
-def _reference(model64: nn.Module, damping: float, num_test: int) -> Tensor:
+def _reference(model64: nn.Module, data: Data, damping: float, num_test: int) -> Tensor:
     import influencekit as ik
 
-    X_train, y_train, X_test, y_test = _digits()
+    X_train, y_train, X_test, y_test = data
     inf = ik.Influence(model64, ik.CrossEntropyObjective(), (X_train, y_train),
-                       solver=ik.CG(tol=1e-10, max_iter=5000), damping=damping).fit()
+                       solver=ik.CG(tol=1e-10, max_iter=5000, preconditioner="ekfac"),
+                       damping=damping).fit()
     scores = inf.influence((X_test[:num_test], y_test[:num_test]))
     report = inf.last_solve_report
-    if report.relative_residual > 1e-9:
+    if not report.relative_residual <= 1e-9:
         raise RuntimeError(f"reference solve reached only {report.relative_residual:.2e}")
     return scores
 
 
-def cache_path(folder: Path, seed: int = 0) -> Path:
-    recipe = VERSION + repr(sorted(SETTINGS.items())) + (f"seed {seed}" if seed else "")
+def cache_path(folder: Path, seed: int = 0, name: str = DEFAULT) -> Path:
+    settings = spec(name).settings
+    recipe = VERSION + repr(sorted(settings.items())) + (f"seed {seed}" if seed else "")
     key = hashlib.sha256(recipe.encode()).hexdigest()[:10]
-    return Path(folder) / f"problem-{key}.pt"
+    prefix = "problem" if name == DEFAULT else f"problem-{name}"
+    return Path(folder) / f"{prefix}-{key}.pt"
 
 
-def prepare(folder: Path, seed: int = 0) -> Path:
-    """Build (or reuse) the cached problem and reference; returns the cache file. ``seed``
-    draws another instance of the same recipe (initialisation and batch order; 0 is the
-    instance of the README's table)."""
-    path = cache_path(folder, seed)
+def prepare(folder: Path, seed: int = 0, name: str = DEFAULT) -> Path:
+    """Build (or reuse) the cached problem ``name`` and its reference; returns the cache file.
+    ``seed`` draws another instance of the same recipe (initialisation and batch order; 0 is
+    the instance of the README's tables)."""
+    path = cache_path(folder, seed, name)
     if path.exists():
         return path
-    model64, training = _train(seed)
-    reference = _reference(model64, SETTINGS["damping"], SETTINGS["num_test"])
-    atomic_save({"state": {k: v.float() for k, v in model64.state_dict().items()},
-                  "state64": model64.state_dict(), "reference": reference,
-                  "training": training, "settings": SETTINGS}, path)
+    import time
+
+    recipe = spec(name)
+    data = recipe.data()
+    start = time.perf_counter()
+    model64, training = train_model(data[0], data[1], seed, recipe.polish_iterations,
+                                    recipe.build_model, recipe.epochs)
+    training["training_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    reference = _reference(model64, data, recipe.settings["damping"],
+                           recipe.settings["num_test"])
+    training["reference_seconds"] = time.perf_counter() - start
+    atomic_save({"name": name, "state64": model64.state_dict(), "reference": reference,
+                 "training": training, "settings": recipe.settings}, path)
     return path
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> Problem:
     """The cached problem in ``dtype`` (the reference stays float64)."""
     payload = torch.load(path, weights_only=True)
-    model = build_model().to(dtype)
+    name = payload.get("name", DEFAULT)
+    recipe = spec(name)
+    model = recipe.build_model().to(dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in payload["state64"].items()})
     model.eval()
-    X_train, y_train, X_test, y_test = _digits()
-    m = SETTINGS["num_test"]
+    X_train, y_train, X_test, y_test = recipe.data()
+    m = recipe.settings["num_test"]
     return Problem(model, X_train.to(dtype), y_train, X_test[:m].to(dtype), y_test[:m],
-                   SETTINGS["damping"], payload["reference"])
+                   recipe.settings["damping"], payload["reference"], name)
 
 
 def training_info(path: Path) -> dict:
