@@ -104,7 +104,7 @@ def ekfac(problem, *, update_diagonal: bool, **overrides) -> Tensor:
 # Block CG at looser tolerances, for the exact family at matched accuracy: pyDVL stops a column
 # when ‖r‖ < max(rtol²‖b‖, atol²), so its default rtol 1e-4 solves to a residual of 1e-8, far
 # below the 1e-4 error bar; these land near the bar (compare.py picks the fastest within it).
-MATCHED_RTOLS = (2e-2, 1e-2, 5e-3)
+MATCHED_RTOLS = (2e-2, 1e-2, 5e-3, 2e-3)
 
 METHODS: dict[str, Callable] = {
     "pydvl-cg-block": functools.partial(cg, solve_simultaneously=True),
