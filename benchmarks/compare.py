@@ -30,19 +30,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import matched  # noqa: E402
 import problem as problem_module  # noqa: E402
-
-MATCHED_RTOLS = (2e-2, 1e-2, 5e-3, 2e-3)  # as peers/pydvl_methods.py (no pyDVL import here)
-MATCHED_TOLS = (5e-5, 1e-4, 5e-4)  # ours, as ours.py (influencekit-cg-deflated-tol-*)
-MATCHED_BAR = 1e-4  # the rel. error both sides of the matched-accuracy comparison must reach
 
 FAMILIES: dict[str, list[str]] = {
     "exact (CG)": ["influencekit-cg-deflated",
-                   *(f"influencekit-cg-deflated-tol-{tol:g}" for tol in MATCHED_TOLS),
+                   *(f"influencekit-cg-deflated-tol-{tol:g}" for tol in matched.OURS_TOLS),
                    "influencekit-cg-deflated-full-width",
                    "influencekit-cg-deflated-independent", "influencekit-cg-ekfac",
                    "influencekit-cg-deflated-40", "pydvl-cg-block",
-                   *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in MATCHED_RTOLS), "pydvl-cg",
+                   *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS), "pydvl-cg",
                    "dattri-cg"],
     "fast and faithful": ["influencekit-cg-deflated-3"],
     "LiSSA": ["influencekit-lissa-ekfac", "pydvl-lissa", "dattri-lissa"],
@@ -57,8 +54,8 @@ FAMILIES: dict[str, list[str]] = {
 
 # The rows the checks of issue 14 need, for the run over every problem (compare_problems.py).
 CORE = ["influencekit-cg-deflated", *(f"influencekit-cg-deflated-tol-{tol:g}" for tol in
-                                     MATCHED_TOLS),
-        *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in MATCHED_RTOLS),
+                                     matched.OURS_TOLS),
+        *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS),
         "influencekit-ekfac", "influencekit-kfac", "influencekit-ekfac-classic",
         "influencekit-kfac-classic", "influencekit-ekfac-deflated-40", "kronfluence-ekfac",
         "kronfluence-ekfac-empirical", "pydvl-ekfac", "dattri-ekfac"]
@@ -68,18 +65,18 @@ def _fastest_within_bar(results: dict[str, dict],
                         names: Callable[[str], bool]) -> tuple[str, dict] | None:
     runs = [(m, r) for m, r in results.items()
             if names(m) and r.get("seconds") and not r.get("error")
-            and r["relative_error"] <= MATCHED_BAR]
+            and r["relative_error"] <= matched.BAR]
     return min(runs, key=lambda item: item[1]["seconds"]) if runs else None
 
 
 def matched_pydvl(results: dict[str, dict]) -> tuple[str, dict] | None:
-    """The fastest pyDVL block-CG run (any tolerance) whose rel. error is within MATCHED_BAR."""
+    """The fastest pyDVL block-CG run (any tolerance) whose rel. error is within matched.BAR."""
     return _fastest_within_bar(results, lambda m: m.startswith("pydvl-cg-block"))
 
 
 def matched_ours(results: dict[str, dict]) -> tuple[str, dict] | None:
-    """The fastest run of our deflated block CG (its default tol 2e-4 or a looser one of
-    MATCHED_TOLS) whose rel. error is within MATCHED_BAR: our tolerance is swept as pyDVL's is."""
+    """The fastest run of our deflated block CG (at its tol 2e-4 or one of matched.OURS_TOLS)
+    whose rel. error is within matched.BAR: our tolerance is swept as pyDVL's is."""
     return _fastest_within_bar(results, lambda m: m == "influencekit-cg-deflated"
                                or m.startswith("influencekit-cg-deflated-tol-"))
 
@@ -267,7 +264,7 @@ def _matched_check(results: dict[str, dict], verdict: Callable) -> str:
     mine, matched = matched_ours(results), matched_pydvl(results)
     if mine is None or matched is None:
         return (f"{verdict(None)} exact at matched accuracy: needs a run of our deflated block CG "
-                f"and a pyDVL block-CG run within rel. error {MATCHED_BAR:g}")
+                f"and a pyDVL block-CG run within rel. error {matched.BAR:g}")
     (ours_name, ours), (name, peer) = mine, matched
     ok = ours["seconds"] <= 0.5 * peer["seconds"]
     return (f"{verdict(ok)} exact at matched accuracy: {ours_name} {ours['seconds']:.2f} s "

@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 
 import compare  # noqa: E402
 
+import matched  # noqa: E402
 import problem as problem_module  # noqa: E402
 
 
@@ -68,32 +69,33 @@ def _summary(name: str, payload: dict) -> dict:
     return row
 
 
+def _exact_line(e: dict) -> str:
+    return (f"{e['ours_seconds']:13.2f} {e['ours_relative_error']:8.1e} {e['pydvl_seconds']:8.2f} "
+            f"{e['pydvl_relative_error']:8.1e} {e['ratio']:6.2f}  "
+            f"{'PASS' if e['met'] else 'FAIL'} ({e['ours_method']}; {e['pydvl_method']}; "
+            f"{e['ours_iterations']} iterations, {e['ours_products']} products)")
+
+
+def _kronecker_line(k: dict) -> str:
+    return (f"{k['ours_method']:32s} {k['ours_pearson_all']:6.3f} {k['ours_pearson_rows']:6.3f} "
+            f"{k['ours_seconds']:6.2f} | {k['peer_method']:28s} {k['peer_pearson_all']:6.3f} "
+            f"{k['peer_pearson_rows']:6.3f} {k['peer_seconds']:6.2f}  "
+            f"{'PASS' if k['met'] else 'FAIL'}")
+
+
 def _lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'problem':20s} {'exact: ours s':>13s} {'rel.err':>8s} {'pyDVL s':>8s} "
-             f"{'rel.err':>8s} {'ratio':>6s}  verdict"]
-    for row in rows:
-        e = row.get("exact")
-        if e is None:
-            lines.append(f"{row['problem']:20s} exact: not measured (a row failed)")
-            continue
-        lines.append(f"{row['problem']:20s} {e['ours_seconds']:13.2f} "
-                     f"{e['ours_relative_error']:8.1e} {e['pydvl_seconds']:8.2f} "
-                     f"{e['pydvl_relative_error']:8.1e} {e['ratio']:6.2f}  "
-                     f"{'PASS' if e['met'] else 'FAIL'} ({e['ours_method']}; "
-                     f"{e['pydvl_method']}; "
-                     f"{e['ours_iterations']} iterations, {e['ours_products']} products)")
-    lines += ["", f"{'problem':20s} {'Kronecker: ours':32s} {'R all':>6s} {'R rows':>6s} "
-                  f"{'s':>6s} | {'best peer':28s} {'R all':>6s} {'R rows':>6s} {'s':>6s}"]
-    for row in rows:
-        k = row.get("kronecker")
-        if k is None:
-            lines.append(f"{row['problem']:20s} Kronecker: not measured (a row failed)")
-            continue
-        lines.append(f"{row['problem']:20s} {k['ours_method']:32s} {k['ours_pearson_all']:6.3f} "
-                     f"{k['ours_pearson_rows']:6.3f} {k['ours_seconds']:6.2f} | "
-                     f"{k['peer_method']:28s} {k['peer_pearson_all']:6.3f} "
-                     f"{k['peer_pearson_rows']:6.3f} {k['peer_seconds']:6.2f}  "
-                     f"{'PASS' if k['met'] else 'FAIL'}")
+    lines: list[str] = []
+    for family, title, header, line in (
+            ("exact", "exact", f"{'exact: ours s':>13s} {'rel.err':>8s} {'pyDVL s':>8s} "
+             f"{'rel.err':>8s} {'ratio':>6s}  verdict", _exact_line),
+            ("kronecker", "Kronecker", f"{'Kronecker: ours':32s} {'R all':>6s} {'R rows':>6s} "
+             f"{'s':>6s} | {'best peer':28s} {'R all':>6s} {'R rows':>6s} {'s':>6s}",
+             _kronecker_line)):
+        lines += [*([""] if lines else []), f"{'problem':20s} {header}"]
+        for row in rows:
+            figures = row.get(family)
+            lines.append(f"{row['problem']:20s} " + (
+                f"{title}: not measured (a row failed)" if figures is None else line(figures)))
     for family in ("exact", "kronecker"):
         verdicts = [row.get(family, {}).get("met") for row in rows]
         held = "holds" if all(v is True for v in verdicts) else "does NOT hold"
@@ -127,7 +129,7 @@ def main() -> None:
 
     path = atomic_write_json(out / "compare_problems.json",
                              {"benchmark": "compare_problems", "date": time.strftime("%Y-%m-%d"),
-                              "matched_bar": compare.MATCHED_BAR, "rows": rows, "table": lines})
+                              "matched_bar": matched.BAR, "rows": rows, "table": lines})
     print(f"\nSaved {path}")
 
 

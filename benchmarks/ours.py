@@ -15,13 +15,10 @@ from torch import Tensor
 
 import influencekit as ik
 
+import matched
 from problem import Problem
 
 VERSION = ik.__version__
-# our deflated block CG at tolerances other than its 2e-4, for the comparison at matched accuracy
-# (compare.py): as pyDVL's tolerance is swept, so is ours; each side's fastest run within the bar
-# counts
-MATCHED_TOLS = (5e-5, 1e-4, 5e-4)
 SUBSET = 300  # Lanczos runs of the deflated preconditioners use the 300 heaviest examples
 REPORTS: list[ik.solvers.SolveReport] = []  # the solve report of each call, for the record
 
@@ -97,7 +94,7 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
     "influencekit-cg-deflated": _cg(preconditioner=_deflated(80, 160), tol=2e-4),
     # the same solve searching every residual direction, for the saving of truncate=0.3
     **{f"influencekit-cg-deflated-tol-{tol:g}": _cg(preconditioner=_deflated(80, 160), tol=tol)
-       for tol in MATCHED_TOLS},
+       for tol in matched.OURS_TOLS},
     "influencekit-cg-deflated-full-width": _cg(preconditioner=_deflated(80, 160), tol=2e-4,
                                                truncate=0.0),
     # independent recurrences stop per column, so they need a tighter tol for the same accuracy
@@ -130,7 +127,7 @@ SETTINGS: dict[str, dict] = {
                                                rank=80, iterations=160) + "; tol 2e-4"},
     **{f"influencekit-cg-deflated-tol-{tol:g}": {"solver": f"as influencekit-cg-deflated, "
                                                           f"tol {tol:g}"}
-       for tol in MATCHED_TOLS},
+       for tol in matched.OURS_TOLS},
     "influencekit-cg-deflated-full-width": {"solver": "as influencekit-cg-deflated with "
                                                       "truncate=0 (every residual direction "
                                                       "searched)"},

@@ -151,30 +151,31 @@ def _generated() -> Data:
                   standardise=True)
 
 
-def _settings(model: str, data: str, epochs: int, polish: int) -> dict:
-    return {**SETTINGS, "model": model, "data": data,
-            "training": f"Adam lr 1e-3, weight decay 1e-4, batch 64, {epochs} epochs; full-batch "
-                        f"L-BFGS polish (float64) to gradient norm <= 3e-6, at most {polish:,} "
-                        "iterations"}
+def _problem(model: str, data_text: str, data: Callable[[], Data],
+             build: Callable[[], nn.Module], epochs: int, polish: int) -> ProblemSpec:
+    """A problem trained by the recipe of ``mlp-digits`` for ``epochs`` and at most ``polish``
+    L-BFGS iterations; its settings (the cache key) say so."""
+    settings = {**SETTINGS, "model": model, "data": data_text,
+                "training": f"Adam lr 1e-3, weight decay 1e-4, batch 64, {epochs} epochs; "
+                            "full-batch L-BFGS polish (float64) to gradient norm <= 3e-6, at "
+                            f"most {polish:,} iterations"}
+    return ProblemSpec(settings, data, build, epochs, polish)
 
 
 PROBLEMS: dict[str, ProblemSpec] = {
     DEFAULT: ProblemSpec(SETTINGS, _digits, build_model),
-    "gelu-mlp-cancer": ProblemSpec(
-        _settings("MLP 30-192-256-2, GELU, 55,874 parameters",
-                  "scikit-learn breast cancer, standardised, 70/30 stratified split (seed 0): "
-                  "398 train / 171 test", 200, 5000), _cancer, _gelu_mlp, 200, 5000),
-    "cnn-digits": ProblemSpec(
-        _settings("CNN conv3x3 1-16, ReLU, avgpool 2, conv3x3 16-32, ReLU, avgpool 2, linear "
-                  "128-64, ReLU, linear 64-10; 13,706 parameters", "scikit-learn digits as "
-                  "1x8x8 images, 70/30 stratified split (seed 0): 1,257 train / 540 test", 100,
-                  2000),
-        _digit_images, _cnn, 100, 2000),
-    "silu-mlp-generated": ProblemSpec(
-        _settings("MLP 40-256-256-8, SiLU, 78,344 parameters",
-                  "make_classification(5000, 40 features, 20 informative, 10 redundant, "
-                  "8 classes, flip_y 0.02, seed 0), standardised, 70/30 stratified split "
-                  "(seed 0): 3,500 train / 1,500 test", 60, 5000),
+    "gelu-mlp-cancer": _problem(
+        "MLP 30-192-256-2, GELU, 55,874 parameters",
+        "scikit-learn breast cancer, standardised, 70/30 stratified split (seed 0): 398 train / "
+        "171 test", _cancer, _gelu_mlp, 200, 5000),
+    "cnn-digits": _problem(
+        "CNN conv3x3 1-16, ReLU, avgpool 2, conv3x3 16-32, ReLU, avgpool 2, linear 128-64, ReLU, "
+        "linear 64-10; 13,706 parameters", "scikit-learn digits as 1x8x8 images, 70/30 "
+        "stratified split (seed 0): 1,257 train / 540 test", _digit_images, _cnn, 100, 2000),
+    "silu-mlp-generated": _problem(
+        "MLP 40-256-256-8, SiLU, 78,344 parameters",
+        "make_classification(5000, 40 features, 20 informative, 10 redundant, 8 classes, flip_y "
+        "0.02, seed 0), standardised, 70/30 stratified split (seed 0): 3,500 train / 1,500 test",
         _generated, _silu_mlp, 60, 5000),
 }
 
