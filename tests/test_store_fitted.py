@@ -24,6 +24,7 @@ SOLVERS = {
     "cg": lambda: ik.CG(),
     "cg-ekfac": lambda: ik.CG(preconditioner="ekfac"),
     "cg-deflated": lambda: ik.CG(preconditioner=ik.Deflated(rank=3, iterations=10, subset=20)),
+    "cg-auto": lambda: ik.CG(preconditioner="auto", block=False, tol=1e-12),
     "lissa": lambda: ik.LiSSA(depth=50, batch_size=16, repeats=2),
     "lissa-ekfac": lambda: ik.LiSSA(depth=30, batch_size=1000, preconditioner="ekfac"),
     "kfac": lambda: ik.KFAC(),

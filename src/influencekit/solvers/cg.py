@@ -25,14 +25,20 @@ Two variants, both forming the products A·P of a whole block in one batched pas
 - ``block=False``: one classic CG recurrence per right-hand side, batched.
 
 M is an optional preconditioner (another prepared solver whose ``solve`` approximates A⁻¹, e.g.
-``"ekfac"``). A right-hand side is done when its recurrence residual ‖R_j‖/‖V_j‖ ≤ ``tol``; the
-reported residual is then recomputed as ‖A·X − V‖ (``verify=True``, the default), and
-``converged`` says whether that recomputed residual meets ``tol``. Non-positive curvature means
+``"ekfac"``). ``"auto"`` starts with EK-FAC and deflates it (:class:`~.deflated.Deflated`) once,
+mid-solve, when the convergence measured so far projects that deflation saves more products than
+its Lanczos run costs (the rule is in :mod:`.adaptive`); CG then restarts from its current
+solution, and later solves keep the deflated preconditioner.
+
+A right-hand side is done when its recurrence residual ‖R_j‖/‖V_j‖ ≤ ``tol``; the reported
+residual is then recomputed as ‖A·X − V‖ (``verify=True``, the default), and ``converged`` says
+whether that recomputed residual meets ``tol``. Non-positive curvature means
 A is not positive definite and is refused with advice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -46,17 +52,29 @@ from .. import arguments, distributed
 from ..curvature import HessianOperator
 from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedError
 from ..linalg import orthonormal_columns
+from .adaptive import (
+    DECIDE_FROM,
+    MIN_REMAINING,
+    SUBSET_MASS,
+    DeflationPlan,
+    plan_deflation,
+    projected_iterations,
+)
 from .base import (
     Solver,
     make_preconditioner,
     max_ratio,
     preconditioner_state,
+    prefixed,
     restore_preconditioner,
+    unprefixed,
 )
+from .deflated import Deflated, heaviest_count
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+AUTO = "auto"
 
 
 class CG(Solver):
@@ -69,6 +87,8 @@ class CG(Solver):
         block: share one Krylov space across the right-hand sides (see the module docstring).
         preconditioner: ``None``, a solver name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``) or a
             solver object; it is prepared on the same operator and its ``solve`` is used as M.
+            ``"auto"``: EK-FAC, deflated mid-solve where the measured convergence says it pays
+            (module docstring); the report's notes say what was chosen and why.
         verify: recompute the true residual ‖A·X − V‖ at the end (one more batched product);
             ``converged`` is judged on it. ``False`` reports it as NaN and ``converged=None``
             (the recurrence's estimate stays in ``details``).
@@ -87,29 +107,53 @@ class CG(Solver):
         self.block = arguments.flag("block", block)
         self.verify = arguments.flag("verify", verify)
         self.truncate = arguments.real("truncate", truncate, minimum=0.0, maximum=1.0)
-        make_preconditioner(preconditioner, "CG")  # checked now, prepared with the operator
+        if preconditioner != AUTO:  # checked now, prepared with the operator
+            make_preconditioner(preconditioner, "CG")
         self.preconditioner = preconditioner
+        self.deflation_: DeflationPlan | None = None  # "auto": the deflation built, if any
+        self._deflated: Deflated | None = None  # ... built once, reused by later solves
+        self._deflated_at: int | None = None  # after which iteration this solve switched to it
+        self._projected = 0.0  # the iterations projected when it switched
         self._precondition: Callable[[Tensor], Tensor] | None = None
         self._inner: Solver | None = None
         self._products = 0  # Hessian-vector products of the last solve
 
+    def _base_preconditioner(self) -> str | Solver | None:
+        return "ekfac" if self.preconditioner == AUTO else self.preconditioner
+
     def prepare(self, operator: HessianOperator) -> CG:
         super().prepare(operator)
-        self._precondition, self._inner = None, make_preconditioner(self.preconditioner, "CG")
+        self.deflation_, self._deflated = None, None
+        self._precondition, self._inner = None, make_preconditioner(self._base_preconditioner(),
+                                                                    "CG")
         if self._inner is not None:
             self._inner.progress = self.progress
             self._precondition = self._inner.prepare(operator).apply_inverse
         return self
 
     def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
-        return preconditioner_state(self._inner)
+        tensors, values = preconditioner_state(self._inner)
+        if self.preconditioner == AUTO:  # the deflation, if a solve built it
+            values["auto_deflation"] = None
+            if self._deflated is not None and self.deflation_ is not None:
+                extra, extra_values = self._deflated.fitted_state()
+                tensors.update(prefixed("auto_deflation", extra))
+                values["auto_deflation"] = {"plan": dataclasses.asdict(self.deflation_),
+                                            "state": extra_values}
+        return tensors, values
 
     def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
                 values: dict) -> CG:
         super().restore(operator, tensors, values)
-        self._inner = restore_preconditioner(self.preconditioner, "CG", operator, tensors,
-                                             values)
+        self._inner = restore_preconditioner(self._base_preconditioner(), "CG", operator,
+                                             tensors, values)
         self._precondition = None if self._inner is None else self._inner.apply_inverse
+        self.deflation_, self._deflated = None, None
+        saved = values.get("auto_deflation") if self.preconditioner == AUTO else None
+        if saved is not None:
+            self.deflation_ = DeflationPlan(**saved["plan"])
+            self._deflated = self._deflation(self.deflation_).restore(
+                operator, unprefixed("auto_deflation", tensors), saved["state"])
         return self
 
     def _tolerance(self) -> float:
@@ -119,6 +163,9 @@ class CG(Solver):
         tol = self._tolerance()
         solve = self._block_cg if self.block else self._independent_cg
         self._products = 0
+        self._deflated_at = None
+        if self.preconditioner == AUTO:  # every solve starts from EK-FAC and decides anew
+            self._precondition = self._inner.apply_inverse
         X, iterations, recurrence = solve(V, tol)
         self._check_output(X)
         residual = self._relative_residual(X, V) if self.verify else float("nan")
@@ -127,10 +174,13 @@ class CG(Solver):
         details = {"block": float(self.block),
                    "preconditioned": float(self._precondition is not None),
                    "products": float(self._products), "recurrence_residual": recurrence}
-        self.last_report = self._report(
-            residual, converged, iterations=iterations, tolerance=tol, details=details,
-            notes=() if self.verify else ("residual not recomputed (verify=False); the "
-                                          "recurrence's estimate is in details",))
+        notes = () if self.verify else ("residual not recomputed (verify=False); the "
+                                        "recurrence's estimate is in details",)
+        if self.preconditioner == AUTO:
+            details.update(self._auto_details())
+            notes += (self._auto_note(),)
+        self.last_report = self._report(residual, converged, iterations=iterations,
+                                        tolerance=tol, details=details, notes=notes)
         logger.info("CG: %d iterations, %d products, recurrence residual %.2e, recomputed "
                     "residual %.2e (tol %g).", iterations, self._products, recurrence, residual,
                     tol)
@@ -167,6 +217,75 @@ class CG(Solver):
             return R
         return distributed.split_rows(self._precondition, R)
 
+    # --------------------------------------------------------------- preconditioner="auto"
+
+    def _adapt(self, previous: float, ratio: float, iterations: int, tol: float,
+               width: int) -> bool:
+        """With ``preconditioner="auto"``, while this solve runs on EK-FAC alone: switch to the
+        deflated preconditioner if the rule of :mod:`.adaptive` says it pays (building it the
+        first time); whether the preconditioner changed. The switch depends only on this
+        solve's own convergence, so the same right-hand sides always take the same path."""
+        if (self.preconditioner != AUTO or self._deflated_at is not None
+                or iterations < DECIDE_FROM):
+            return False
+        op = self.operator
+        most = (math.ceil(max(op.dim - self._products, 0) / max(width, 1)) if self.block
+                else op.dim - iterations)  # block CG's space spans all p; each column's does
+        if min(projected_iterations(previous, ratio, tol), most) < MIN_REMAINING:
+            return False  # decided without the pass over the data for the weights
+        if self.deflation_ is None:
+            subset = heaviest_count(op.curvature_weights(), SUBSET_MASS)
+        else:
+            subset = self.deflation_.subset
+        plan = plan_deflation(previous, ratio, tol, width, subset, op.num_train, op.dim, most)
+        if plan is None:
+            return False
+        if self.deflation_ is not None:
+            plan = dataclasses.replace(plan, subset=self.deflation_.subset)
+        if self._deflated is None:
+            try:
+                self._deflated = self._deflation(plan).deflate(self._inner)
+            except IndefiniteHessianError:
+                if plan.subset >= op.num_train:
+                    raise  # A itself is indefinite: CG could not converge either
+                # the heaviest examples' curvature alone can be indefinite where the sum over
+                # all of them is not (a non-convex model): the Lanczos run takes them all
+                logger.info("CG auto: the curvature of the %d heaviest examples is indefinite; "
+                            "the Lanczos run uses all %d.", plan.subset, op.num_train)
+                plan = dataclasses.replace(plan, subset=op.num_train)
+                self._deflated = self._deflation(plan).deflate(self._inner)
+            self.deflation_ = plan
+            logger.info("CG auto: EK-FAC deflated at %d Ritz pairs (Lanczos %d products on %d "
+                        "examples) after iteration %d, %g iterations projected.", plan.rank,
+                        plan.iterations, plan.subset, iterations, plan.projected)
+        self._precondition = self._deflated.apply_inverse
+        self._deflated_at, self._projected = iterations, plan.projected
+        return True
+
+    def _deflation(self, plan: DeflationPlan) -> Deflated:
+        deflated = Deflated(base="ekfac", rank=plan.rank, iterations=plan.iterations,
+                            subset=plan.subset)
+        deflated.progress = self.progress
+        return deflated
+
+    def _auto_details(self) -> dict[str, float]:
+        plan = self.deflation_ if self._deflated_at is not None else None
+        return {"deflated_rank": float(plan.rank if plan else 0),
+                "deflated_after_iteration": float("nan") if self._deflated_at is None
+                else float(self._deflated_at),
+                "lanczos_subset": float(plan.subset if plan else 0)}
+
+    def _auto_note(self) -> str:
+        if self._deflated_at is None:
+            return ("auto preconditioner: EK-FAC alone (the measured convergence never "
+                    "projected enough iterations for a deflation to pay)")
+        plan = self.deflation_
+        return (f"auto preconditioner: EK-FAC, then from iteration {self._deflated_at + 1} "
+                f"EK-FAC deflated at {plan.rank} Ritz pairs (a Lanczos run of {plan.iterations} "
+                f"products on the {plan.subset} training examples carrying "
+                f"{SUBSET_MASS:.0%} of the curvature weight), when {self._projected:g} more "
+                "iterations were projected")
+
     # --------------------------------------------------------------- block CG (Ji & Li 2017)
 
     def _block_cg(self, V: Tensor, tol: float) -> tuple[Tensor, int, float]:
@@ -182,14 +301,19 @@ class CG(Solver):
         with self._progress_bar("block CG iterations") as bar:
             while iterations < self.max_iter:
                 iterations += 1
-                ratio = self._block_step(B, X, R, P, v_norm, iterations)
+                previous, ratio = ratio, self._block_step(B, X, R, P, v_norm, iterations)
                 bar.update(1)
                 bar.set_postfix(residual=f"{ratio:.1e}", directions=P.shape[1])
                 logger.debug("block CG iteration %d: %d directions, residual %.3e", iterations,
                              P.shape[1], ratio)
                 if ratio <= tol:
                     break
-                P = self._next_directions(R, v_norm, tol)
+                if self._adapt(previous, ratio, iterations, tol, P.shape[1]):
+                    # restart from X with the deflated preconditioner (R is kept)
+                    P = orthonormal_columns(
+                        self._apply_m(self._search_space(R, v_norm, tol).T).T)
+                else:
+                    P = self._next_directions(R, v_norm, tol)
                 if P.shape[1] == 0:
                     break
         return X.T, iterations, ratio
@@ -243,6 +367,7 @@ class CG(Solver):
         rz = (R * Z).sum(dim=1)
         v_norm = V.norm(dim=1)
         active = torch.nonzero(R.norm(dim=1) > tol * v_norm).flatten()
+        ratio = max_ratio(R, V)
         iterations = 0
         bar = self._progress_bar("CG iterations")
         while active.numel() and iterations < self.max_iter:
@@ -267,6 +392,12 @@ class CG(Solver):
             P[active] = Z_a + beta[:, None] * P_a
             rz[active] = rz_new
             active = active[R[active].norm(dim=1) > tol * v_norm[active]]
+            previous, ratio = ratio, max_ratio(R, V)
+            if active.numel() and self._adapt(previous, ratio, iterations, tol,
+                                              int(active.numel())):
+                Z_a = self._apply_m(R[active])  # restart with the deflated preconditioner
+                P[active] = Z_a
+                rz[active] = (R[active] * Z_a).sum(dim=1)
         bar.close()
         ratio = max_ratio(R, V) if V.numel() else 0.0
         return X, iterations, ratio

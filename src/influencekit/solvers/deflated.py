@@ -53,15 +53,29 @@ class Deflated(ApproximateInverse):
         subset: if set, run Lanczos on the damped curvature of only the ``subset`` training
             examples with the largest curvature weights (module docstring); ``None``: all.
         tol: with ``verify``, the residual ``converged`` is judged by (``None``: not judged).
+        subset_mass: instead of a count, run Lanczos on the fewest heaviest examples whose
+            curvature weights sum to at least this share of the total, in (0, 1] (e.g. 0.9:
+            on the benchmark MLP the 300 of 1,257 heaviest carry 91%). Not with ``subset``.
+
+    Attributes:
+        subset_size_: the number of training examples the Lanczos run used.
     """
 
     name = "deflated"
 
     def __init__(self, base: str | Solver = "ekfac", rank: int = 40, iterations: int = 100,
                  block: int = 10, seed: int = 0, verify: bool = False,
-                 subset: int | None = None, tol: float | None = None) -> None:
+                 subset: int | None = None, tol: float | None = None,
+                 subset_mass: float | None = None) -> None:
         super().__init__(verify=verify, tol=tol)
         self.subset = arguments.optional_positive_integer("subset", subset)
+        self.subset_mass = (None if subset_mass is None else
+                            arguments.real("subset_mass", subset_mass, minimum=0.0, maximum=1.0,
+                                           strict_minimum=True))
+        if self.subset_mass is not None and self.subset is not None:
+            raise InvalidSettingError(
+                f"Deflated: give subset (a count) or subset_mass (a share in (0, 1]), not both; "
+                f"got subset={subset!r}, subset_mass={subset_mass!r}.")
         self.iterations = arguments.positive_integer("iterations", iterations)
         self.rank = arguments.positive_integer("rank", rank)
         if self.rank > self.iterations:
@@ -79,6 +93,7 @@ class Deflated(ApproximateInverse):
                 "'arnoldi' or 'direct' as the base.")
         self.base = base
         self.ritz_values_: Tensor | None = None
+        self.subset_size_: int | None = None
 
     @property
     def curvature(self) -> str:
@@ -86,17 +101,33 @@ class Deflated(ApproximateInverse):
         return self.operator.curvature
 
     def prepare(self, operator: HessianOperator) -> Deflated:
-        super().prepare(operator)
         from . import make_solver  # the registry imports this module
 
-        self._base = make_solver(self.base)
-        self._base.progress = self.progress
-        self._base.prepare(operator)
-        root = self._base.apply_inverse_sqrt
+        base = make_solver(self.base)
+        base.progress = self.progress
+        return self.deflate(base.prepare(operator))
+
+    def deflate(self, base: Solver) -> Deflated:
+        """Bind to ``base``'s operator and deflate ``base``, a solver already prepared on it
+        (what :meth:`prepare` does after fitting its own base; CG's ``preconditioner="auto"``
+        deflates the EK-FAC it has already fitted this way, without a second fit)."""
+        if not base.has_inverse_sqrt:
+            raise InputTypeError(f"Deflated needs a base with a symmetric square root of its "
+                                 f"inverse; {type(base).__name__} keeps no eigenbasis.")
+        operator = base.operator
+        super().prepare(operator)
+        self._base = base
+        root = base.apply_inverse_sqrt
         krylov_operator = operator
-        if self.subset is not None and self.subset < operator.num_train:
-            heaviest = torch.argsort(operator.curvature_weights(), descending=True)
-            krylov_operator = operator.restricted(heaviest[: self.subset])
+        self.subset_size_ = operator.num_train
+        if self.subset is not None or self.subset_mass is not None:
+            weights = operator.curvature_weights()
+            size = (self.subset if self.subset is not None
+                    else heaviest_count(weights, self.subset_mass))
+            if size < operator.num_train:
+                heaviest = torch.argsort(weights, descending=True)
+                krylov_operator = operator.restricted(heaviest[:size])
+                self.subset_size_ = size
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(min(self.block, self.iterations), operator.dim, generator=generator,
                             dtype=torch.float64)
@@ -106,7 +137,7 @@ class Deflated(ApproximateInverse):
                                            progress=self.progress)
         if not (bool(torch.isfinite(theta).all()) and bool(torch.isfinite(vectors).all())):
             raise IndefiniteHessianError(
-                f"Deflated: the base {self._base.name}'s square root produced NaN/inf, so its "
+                f"Deflated: the base {base.name}'s square root produced NaN/inf, so its "
                 f"inverse is singular. Raise damping (now {operator.damping:g}) or add weight "
                 "decay.")
         self._check_positive(theta)
@@ -122,7 +153,7 @@ class Deflated(ApproximateInverse):
         base_tensors, base_values = self._base.fitted_state()
         tensors = {**prefixed("base", base_tensors), "ritz_values": self.ritz_values_,
                    "deflated_values": self._theta, "directions": self._Z}
-        return tensors, {"base": base_values}
+        return tensors, {"base": base_values, "subset_size": self.subset_size_}
 
     def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
                 values: dict) -> Deflated:
@@ -136,6 +167,7 @@ class Deflated(ApproximateInverse):
         self._theta = tensors["deflated_values"].to(device)
         self._Z = tensors["directions"].to(device)
         self._D = 1.0 / self._theta - 1.0
+        self.subset_size_ = values.get("subset_size")
         return self
 
     def _check_positive(self, theta: Tensor) -> None:
@@ -167,3 +199,16 @@ class Deflated(ApproximateInverse):
         return {"deflated": int(self._theta.numel()),
                 "preconditioned_min": float(spectrum.min()),
                 "preconditioned_max": float(spectrum.max())}
+
+
+def heaviest_count(weights: Tensor, mass: float) -> int:
+    """The fewest examples, heaviest first, whose weights sum to at least ``mass`` × the total
+    (at least 1): min k such that Σ_{i ≤ k} w_(i) ≥ mass · Σ_i w_i, weights ``(n,)`` sorted
+    descending."""
+    ordered = torch.sort(weights.double(), descending=True).values
+    total = float(ordered.sum())
+    if not total > 0:
+        return int(weights.numel())
+    cumulative = torch.cumsum(ordered, 0)
+    reached = torch.nonzero(cumulative >= mass * total * (1 - 1e-12)).flatten()
+    return int(reached[0]) + 1 if reached.numel() else int(weights.numel())

@@ -1,0 +1,88 @@
+"""CG's ``preconditioner="auto"``: EK-FAC first, deflated only where the solve shows it pays.
+
+A deflated EK-FAC preconditioner (:class:`~influencekit.solvers.Deflated`) cuts CG's iterations
+where EK-FAC leaves a wide spectrum, but its Lanczos run costs products of its own, and where
+EK-FAC alone converges in a few iterations that run costs more than it saves. On the four
+benchmark problems (``benchmarks/compare_problems.py``) EK-FAC alone needed 3, 11 and 46 block CG
+iterations where EK-FAC deflated at 80 Ritz pairs needed 2, 7 and 13: the same preconditioner
+can be right on one model and wasteful on another. So the choice is made from the solve itself.
+
+Block CG starts with EK-FAC. From iteration j = ``DECIDE_FROM`` on, while this solve still runs
+on EK-FAC alone, the last iteration's contraction projects the iterations still needed:
+
+    ρ = r_j / r_(j−1)                  the last iteration's contraction
+    N = ⌈log(tol / r_j) / log ρ⌉        iterations left at that rate (∞ if ρ ≥ 1),
+
+capped by what CG can still take: block CG ends once its search space spans all p dimensions
+(at most ⌈(p − s)/w⌉ more after s products), one recurrence per column after p iterations. Here r
+is the largest relative residual ‖r_i‖/‖v_i‖ over the right-hand sides. Deflation is built
+when N ≥ ``MIN_REMAINING`` and the products it is expected to save exceed its Lanczos run's:
+
+    SAVING · N · w  >  L · (m / n) · LANCZOS_BLOCK_COST
+
+(w: the block width, products per iteration; L = min(2·``RANK``, p) Lanczos products on the m
+heaviest of n training examples, those that carry ``SUBSET_MASS`` of the curvature weight). CG
+then switches to EK-FAC deflated at ``RANK`` Ritz pairs and restarts from its current solution:
+the residual reached is kept, only the Krylov space is rebuilt. The deflation is built once
+(seeded) and reused by every later solve that switches; each solve starts from EK-FAC and
+decides from its own convergence, so its answer does not depend on what was solved before it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DECIDE_FROM = 2  # block CG accelerates: its first contraction overstates the iterations left
+MIN_REMAINING = 2  # fewer projected iterations leave nothing for deflation to save
+SAVING = 0.35  # share of the remaining iterations deflation removed (at least) on the benchmarks
+LANCZOS_BLOCK_COST = 2.0  # a product in Lanczos' blocks of 10 against one in CG's wide blocks
+SUBSET_MASS = 0.9
+RANK = 80
+
+
+@dataclass(frozen=True)
+class DeflationPlan:
+    """What to deflate: ``rank`` Ritz pairs of a Lanczos run of ``iterations`` products on the
+    ``subset`` heaviest training examples, decided when ``projected`` iterations were left."""
+
+    rank: int
+    iterations: int
+    subset: int
+    projected: float
+
+
+def projected_iterations(previous: float, current: float, tol: float) -> float:
+    """N = ⌈log(tol / r_j) / log ρ⌉ with ρ = r_j / r_(j−1) (module docstring); 0 when
+    converged, ∞ when the last iteration did not lower the residual."""
+    if current <= tol:
+        return 0.0
+    if not 0 < current < previous:
+        return math.inf
+    return float(math.ceil(math.log(tol / current) / math.log(current / previous)))
+
+
+def plan_deflation(previous: float, current: float, tol: float, width: int, subset: int,
+                   num_train: int, dim: int, most: float = math.inf) -> DeflationPlan | None:
+    """The deflation to switch to now, or ``None`` where it is not expected to pay (module
+    docstring's rule).
+
+    Args:
+        previous, current: the largest relative residual after the last two iterations.
+        tol: the solve's tolerance.
+        width: products per iteration (the block width).
+        subset: the training examples the Lanczos run would use (those carrying
+            ``SUBSET_MASS`` of the curvature weight).
+        num_train: n.
+        dim: p (a Lanczos run stops at p products).
+        most: the iterations CG can still take at all (module docstring).
+    """
+    remaining = min(projected_iterations(previous, current, tol), most)
+    if remaining < MIN_REMAINING:
+        return None
+    lanczos = 2 * RANK
+    expected_saving = SAVING * min(remaining, 1e9) * width
+    cost = min(lanczos, dim) * (subset / max(num_train, 1)) * LANCZOS_BLOCK_COST
+    if expected_saving <= cost:
+        return None
+    return DeflationPlan(rank=RANK, iterations=lanczos, subset=subset, projected=remaining)

@@ -1,0 +1,157 @@
+"""CG's preconditioner="auto": EK-FAC, deflated mid-solve only where the measured convergence
+says it pays; exact either way."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import influencekit as ik
+from influencekit.solvers import adaptive
+from influencekit.solvers.deflated import heaviest_count
+
+from conftest import Problem, make_mlp, make_operator, relative_error
+
+
+@pytest.fixture(scope="module")
+def wide_mlp() -> Problem:
+    return make_mlp(hidden=20)  # p = 163
+
+
+def _solve(problem: Problem, damping: float, preconditioner: str, block: bool,
+           k: int = 60) -> tuple[ik.CG, torch.Tensor, torch.Tensor]:
+    op = make_operator(problem, damping=damping)
+    V = torch.randn(k, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    solver = ik.CG(tol=1e-10, preconditioner=preconditioner, block=block).prepare(op)
+    expected = torch.linalg.solve(problem.dense_hessian(damping), V.T).T
+    return solver, solver.solve(V), expected
+
+
+# ------------------------------------------------------------------ the rule, in closed form
+
+def test_projected_iterations_follow_the_last_contraction() -> None:
+    # ρ = 0.01 / 0.1 = 0.1: from 1e-2 to 1e-6 takes 4 more iterations
+    assert adaptive.projected_iterations(0.1, 0.01, 1e-6) == 4
+    assert adaptive.projected_iterations(0.1, 0.05, 1e-6) == math.ceil(
+        math.log(1e-6 / 0.05) / math.log(0.5))
+    assert adaptive.projected_iterations(0.1, 1e-7, 1e-6) == 0  # converged
+    assert adaptive.projected_iterations(0.1, 0.1, 1e-6) == math.inf  # stalled
+
+
+def test_deflation_is_planned_only_where_its_lanczos_run_pays() -> None:
+    settings = {"subset": 300, "num_train": 1200, "dim": 10_000}
+    # 100 columns, ρ = 0.5 from 1e-2 to 1e-4: 7 iterations left, 0.35·7·100 = 245 products
+    # saved against 160·(300/1200)·2 = 80 for the Lanczos run
+    plan = adaptive.plan_deflation(2e-2, 1e-2, 1e-4, 100, **settings)
+    assert plan is not None and plan.projected == 7
+    assert (plan.rank, plan.iterations, plan.subset) == (adaptive.RANK, 2 * adaptive.RANK, 300)
+    # a single column saves 0.35·7 < 80 products: not worth it
+    assert adaptive.plan_deflation(2e-2, 1e-2, 1e-4, 1, **settings) is None
+    # one iteration left: nothing to save
+    assert adaptive.plan_deflation(1e-2, 2e-4, 1e-4, 100, **settings) is None
+    # CG that can take at most one more iteration: nothing to save either
+    assert adaptive.plan_deflation(2e-2, 1e-2, 1e-4, 100, **settings, most=1) is None
+
+
+def test_the_lanczos_subset_is_the_fewest_heaviest_examples_carrying_the_mass() -> None:
+    weights = torch.tensor([1.0, 4.0, 2.0, 3.0])  # total 10; heaviest first 4, 3, 2, 1
+    assert heaviest_count(weights, 0.7) == 2  # 4 + 3 = 7
+    assert heaviest_count(weights, 0.71) == 3
+    assert heaviest_count(weights, 1.0) == 4
+    assert heaviest_count(torch.zeros(5), 0.9) == 5
+
+
+# ------------------------------------------------------------------ CG with "auto"
+
+@pytest.mark.parametrize("block", [True, False])
+def test_auto_deflates_a_slow_solve_and_stays_exact(wide_mlp: Problem, block: bool) -> None:
+    """With 60 independent recurrences EK-FAC alone needs 71 iterations at damping 1e-4; the
+    measured convergence triggers the deflation, which cuts them, and the answer still equals
+    the dense float64 solve."""
+    auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=block)
+    assert relative_error(X, expected) < 1e-8
+    if not block:
+        ekfac, _, _ = _solve(wide_mlp, 1e-4, "ekfac", block=False)
+        assert auto.deflation_ is not None
+        report = auto.last_report
+        assert report.details["deflated_after_iteration"] >= adaptive.DECIDE_FROM
+        assert report.details["deflated_rank"] == adaptive.RANK
+        assert any("deflated at 80 Ritz pairs" in note for note in report.notes)
+        assert report.iterations < ekfac.last_report.iterations
+        assert report.details["products"] < ekfac.last_report.details["products"]
+
+
+def test_auto_keeps_ekfac_alone_where_it_converges_fast(wide_mlp: Problem) -> None:
+    """Block CG on 60 columns of a 163-parameter model ends in 3 iterations under EK-FAC: no
+    Lanczos run is paid, and the solve is EK-FAC-preconditioned CG to the bit."""
+    auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=True)
+    _, X_ekfac, _ = _solve(wide_mlp, 1e-4, "ekfac", block=True)
+    assert auto.deflation_ is None
+    assert math.isnan(auto.last_report.details["deflated_after_iteration"])
+    assert any("EK-FAC alone" in note for note in auto.last_report.notes)
+    assert torch.equal(X, X_ekfac)
+    assert relative_error(X, expected) < 1e-8
+
+
+def test_every_solve_decides_anew_so_answers_do_not_depend_on_earlier_solves(
+        wide_mlp: Problem) -> None:
+    op = make_operator(wide_mlp, damping=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    V = torch.randn(60, op.dim, dtype=torch.float64, generator=generator)
+    fresh = ik.CG(tol=1e-10, preconditioner="auto", block=False).prepare(op)
+    first = fresh.solve(V)
+    assert fresh.deflation_ is not None  # built by the first solve
+    again = fresh.solve(V)  # the deflation is reused, the path is the same
+    assert torch.equal(first, again)
+    assert fresh.last_report.details["deflated_after_iteration"] >= adaptive.DECIDE_FROM
+
+
+def test_an_indefinite_subset_falls_back_to_all_examples(wide_mlp: Problem) -> None:
+    """On a non-convex model the heaviest examples' curvature alone can be indefinite (here at
+    damping 1e-4) while the whole sum is not: the Lanczos run then takes every example."""
+    auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=False)
+    assert auto.deflation_ is not None and auto.deflation_.subset == wide_mlp.X.shape[0]
+    assert relative_error(X, expected) < 1e-8
+
+
+def test_a_prepared_base_is_deflated_as_prepare_would(mlp: Problem) -> None:
+    op = make_operator(mlp, damping=0.01)
+    eye = torch.eye(op.dim, dtype=torch.float64)
+    settings = {"rank": 6, "iterations": 16, "block": 4}
+    prepared = ik.solvers.Deflated(**settings).prepare(op)
+    base = ik.solvers.EKFAC().prepare(op)
+    deflated = ik.solvers.Deflated(**settings).deflate(base)
+    torch.testing.assert_close(deflated.apply_inverse(eye), prepared.apply_inverse(eye),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_subset_mass_picks_the_heaviest_examples(mlp: Problem) -> None:
+    op = make_operator(mlp, damping=0.01)
+    eye = torch.eye(op.dim, dtype=torch.float64)
+    size = heaviest_count(op.curvature_weights(), 0.8)
+    assert 0 < size < op.num_train
+    by_mass = ik.solvers.Deflated(rank=6, iterations=16, block=4, subset_mass=0.8).prepare(op)
+    by_count = ik.solvers.Deflated(rank=6, iterations=16, block=4, subset=size).prepare(op)
+    assert by_mass.subset_size_ == size
+    torch.testing.assert_close(by_mass.apply_inverse(eye), by_count.apply_inverse(eye),
+                               rtol=1e-12, atol=1e-14)
+    with pytest.raises(ik.InvalidSettingError, match="not both"):
+        ik.solvers.Deflated(subset=10, subset_mass=0.5)
+    with pytest.raises(ValueError, match="subset_mass must be"):
+        ik.solvers.Deflated(subset_mass=0.0)
+
+
+def test_a_saved_fit_keeps_the_deflation_a_solve_built(wide_mlp: Problem, tmp_path) -> None:
+    def solver() -> ik.CG:
+        return ik.CG(tol=1e-10, preconditioner="auto", block=False)
+
+    inf = ik.Influence(wide_mlp.model, wide_mlp.objective, wide_mlp.train, solver=solver(),
+                       damping=1e-4).fit()
+    scores = inf.influence(wide_mlp.test)
+    assert inf.solver.deflation_ is not None
+    inf.save(tmp_path)
+    loaded = ik.Influence.load(tmp_path, wide_mlp.model, wide_mlp.objective, wide_mlp.train)
+    assert loaded.solver.deflation_ == inf.solver.deflation_
+    assert torch.equal(loaded.influence(wide_mlp.test), scores)
