@@ -38,6 +38,8 @@ FAMILIES: dict[str, list[str]] = {
                    *(f"influencekit-cg-deflated-tol-{tol:g}" for tol in matched.OURS_TOLS),
                    "influencekit-cg-deflated-full-width",
                    "influencekit-cg-deflated-independent", "influencekit-cg-ekfac",
+                   "influencekit-cg-auto",
+                   *(f"influencekit-cg-auto-tol-{tol:g}" for tol in matched.OURS_TOLS),
                    "influencekit-cg-deflated-40", "pydvl-cg-block",
                    *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS), "pydvl-cg",
                    "dattri-cg"],
@@ -53,8 +55,8 @@ FAMILIES: dict[str, list[str]] = {
 
 
 # The rows the checks of issue 14 need, for the run over every problem (compare_problems.py).
-CORE = ["influencekit-cg-deflated", *(f"influencekit-cg-deflated-tol-{tol:g}" for tol in
-                                     matched.OURS_TOLS),
+CORE = ["influencekit-cg-auto", *(f"influencekit-cg-auto-tol-{tol:g}" for tol in
+                                 matched.OURS_TOLS), "influencekit-cg-deflated",
         *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS),
         "influencekit-ekfac", "influencekit-kfac", "influencekit-ekfac-classic",
         "influencekit-kfac-classic", "influencekit-ekfac-deflated-40", "kronfluence-ekfac",
@@ -75,10 +77,11 @@ def matched_pydvl(results: dict[str, dict]) -> tuple[str, dict] | None:
 
 
 def matched_ours(results: dict[str, dict]) -> tuple[str, dict] | None:
-    """The fastest run of our deflated block CG (at its tol 2e-4 or one of matched.OURS_TOLS)
-    whose rel. error is within matched.BAR: our tolerance is swept as pyDVL's is."""
-    return _fastest_within_bar(results, lambda m: m == "influencekit-cg-deflated"
-                               or m.startswith("influencekit-cg-deflated-tol-"))
+    """The fastest run of our block CG with preconditioner="auto" (at its tol 2e-4 or one of
+    matched.OURS_TOLS) whose rel. error is within matched.BAR: our tolerance is swept as
+    pyDVL's is."""
+    return _fastest_within_bar(results, lambda m: m == "influencekit-cg-auto"
+                               or m.startswith("influencekit-cg-auto-tol-"))
 
 
 def best_kronecker(results: dict[str, dict], ours: bool,

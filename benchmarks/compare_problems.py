@@ -3,10 +3,10 @@ all of them (issue 14).
 
 Runs ``compare.py --core --problem NAME`` for each problem of ``problem.PROBLEMS`` (each method in
 its own process, as there), then prints and saves one summary: per problem, the exact family at
-matched accuracy (our deflated block CG against the fastest pyDVL block-CG run within rel. error
-1e-4) and the Kronecker family (influencekit's best row within kronfluence's EK-FAC time against
-the best peer, by whole-matrix and mean per-query Pearson R), each with its verdict, and which
-claims hold on every problem. Writes ``compare_problems.json``.
+matched accuracy (our block CG with preconditioner="auto" against the fastest pyDVL block-CG run
+within rel. error 1e-4) and the Kronecker family (influencekit's best row within kronfluence's
+EK-FAC time against the best peer, by whole-matrix and mean per-query Pearson R), each with its
+verdict, and which claims hold on every problem. Writes ``compare_problems.json``.
 
 Run: ``.bench-venv/bin/python benchmarks/compare_problems.py --out outputs/bench`` (``make bench``
 does).

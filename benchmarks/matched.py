@@ -4,7 +4,7 @@ compare.py and the adapters that run the rows (ours.py, peers/pydvl_methods.py).
 Both sides sweep their tolerance and each side's fastest run with rel. error ≤ ``BAR`` counts.
 pyDVL's block CG stops a column when ‖r‖ < max(rtol²‖b‖, atol²), so its default rtol 1e-4 solves
 to a residual of 1e-8, far below the bar; ``PYDVL_RTOLS`` land near it. ``OURS_TOLS`` are the
-tolerances of our deflated block CG besides its own 2e-4.
+tolerances of our block CG (preconditioner="auto") besides its own 2e-4.
 """
 
 BAR = 1e-4

@@ -101,6 +101,10 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
     "influencekit-cg-deflated-independent": _cg(preconditioner=_deflated(80, 160), tol=1e-4,
                                                 block=False),
     "influencekit-cg-ekfac": _cg(preconditioner="ekfac", tol=2e-4),
+    # the preconditioner chosen during the solve (EK-FAC, deflated only where it pays)
+    "influencekit-cg-auto": _cg(preconditioner="auto", tol=2e-4),
+    **{f"influencekit-cg-auto-tol-{tol:g}": _cg(preconditioner="auto", tol=tol)
+       for tol in matched.OURS_TOLS},
     "influencekit-cg-deflated-40": _cg(preconditioner=_deflated(40, 100), tol=3e-4),
     "influencekit-cg-deflated-3": _cg(preconditioner=_deflated(40, 100), max_iter=3, tol=1e-12),
     "influencekit-cg-ekfac-3": _cg(preconditioner="ekfac", max_iter=3, tol=1e-12),
@@ -140,6 +144,12 @@ SETTINGS: dict[str, dict] = {
                                               + "; tol 3e-4"},
     "influencekit-cg-ekfac": {"solver": "block CG on the Hessian, EK-FAC preconditioner, "
                                         "tol 2e-4"},
+    "influencekit-cg-auto": {"solver": "block CG on the Hessian (truncate 0.3), "
+                                       "preconditioner='auto': EK-FAC, deflated at 80 Ritz pairs "
+                                       "mid-solve where the measured convergence says it pays "
+                                       "(influencekit.solvers.adaptive); tol 2e-4"},
+    **{f"influencekit-cg-auto-tol-{tol:g}": {"solver": f"as influencekit-cg-auto, tol {tol:g}"}
+       for tol in matched.OURS_TOLS},
     "influencekit-cg-deflated-3": {"solver": "block CG on the Hessian, preconditioned by "
                                              + _DEFLATED.format(rank=40, iterations=100)
                                              + "; 3 iterations"},

@@ -155,3 +155,52 @@ def test_a_saved_fit_keeps_the_deflation_a_solve_built(wide_mlp: Problem, tmp_pa
     loaded = ik.Influence.load(tmp_path, wide_mlp.model, wide_mlp.objective, wide_mlp.train)
     assert loaded.solver.deflation_ == inf.solver.deflation_
     assert torch.equal(loaded.influence(wide_mlp.test), scores)
+
+
+# ------------------------------------------------------------------ CG(negligible=ε)
+
+def test_the_data_term_alone_is_the_product_without_the_shift(mlp: Problem) -> None:
+    op = make_operator(mlp, damping=0.01)
+    V = torch.randn(3, op.dim, dtype=torch.float64)
+    shift = mlp.objective.weight_decay + 0.01
+    torch.testing.assert_close(op.matvec(V, shifted=False), op.matvec(V) - shift * V,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_leaving_out_light_examples_still_meets_tol_on_the_full_operator(
+        logreg: Problem, block: bool) -> None:
+    """On a convex model A_S stays positive definite: phase 1 runs on the heaviest examples,
+    phase 2 adds the left-out curvature to the residual and finishes on A; the answer equals
+    the dense solve over every example."""
+    op = make_operator(logreg, damping=1e-3)
+    V = torch.randn(20, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = torch.linalg.solve(logreg.dense_hessian(1e-3), V.T).T
+    for negligible in (1e-2, 0.3):
+        solver = ik.CG(tol=1e-10, preconditioner="ekfac", block=block, negligible=negligible)
+        X = solver.prepare(op).solve(V)
+        report = solver.last_report
+        assert report.converged and report.relative_residual <= 1e-10
+        assert relative_error(X, expected) < 1e-8
+        left_out = report.details["examples_left_out"]
+        weights = op.curvature_weights()
+        assert left_out == op.num_train - heaviest_count(weights, 1 - negligible)
+        assert 0 < left_out < op.num_train
+        assert any(f"{int(left_out)} of {op.num_train} training examples" in note
+                   for note in report.notes)
+
+
+def test_an_indefinite_heaviest_part_is_refused_and_every_example_used(
+        wide_mlp: Problem) -> None:
+    op = make_operator(wide_mlp, damping=1e-3)
+    V = torch.randn(30, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    solver = ik.CG(tol=1e-10, preconditioner="ekfac", negligible=0.5).prepare(op)
+    X = solver.solve(V)
+    assert relative_error(X, torch.linalg.solve(wide_mlp.dense_hessian(1e-3), V.T).T) < 1e-8
+    assert "examples_left_out" not in solver.last_report.details
+    assert any("indefinite" in note for note in solver.last_report.notes)
+
+
+def test_negligible_must_be_a_share_below_one() -> None:
+    with pytest.raises(ValueError, match="negligible must be"):
+        ik.CG(negligible=1.0)

@@ -182,8 +182,9 @@ class HessianOperator:
             return out.addcmul_(V, shift.expand_as(V) if V.ndim == 2 else shift)
         return out.add_(V, alpha=shift)
 
-    def matvec(self, V: Tensor) -> Tensor:
-        """A·v for each row v of ``V`` (``(k, p)`` or ``(p,)``), over the whole training set.
+    def matvec(self, V: Tensor, shifted: bool = True) -> Tensor:
+        """A·v for each row v of ``V`` (``(k, p)`` or ``(p,)``), over the whole training set;
+        with ``shifted=False`` only the data term (1/n) Σ_i C_i·v, without (λ + λ_d)·v.
 
         The rows go through in blocks of at most ``max_vectors`` per pass over a chunk, so peak
         memory is bounded by ``max_vectors`` × ``chunk_size`` × the activations of one example.
@@ -202,7 +203,9 @@ class HessianOperator:
 
         distributed.together(local_sum)
         distributed.all_reduce(out)
-        out = self._add_shift(out.div_(self.normalizer), rows)
+        out = out.div_(self.normalizer)
+        if shifted:
+            out = self._add_shift(out, rows)
         self.num_matvecs += rows.shape[0]
         return out[0] if single else out
 
