@@ -40,6 +40,7 @@ FAMILIES: dict[str, list[str]] = {
                    "influencekit-cg-deflated-independent", "influencekit-cg-ekfac",
                    "influencekit-cg-auto",
                    *(f"influencekit-cg-auto-tol-{tol:g}" for tol in matched.OURS_TOLS),
+                   "influencekit-cg-auto-every-example",
                    "influencekit-cg-deflated-40", "pydvl-cg-block",
                    *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS), "pydvl-cg",
                    "dattri-cg"],
@@ -56,7 +57,8 @@ FAMILIES: dict[str, list[str]] = {
 
 # The rows the checks of issue 14 need, for the run over every problem (compare_problems.py).
 CORE = ["influencekit-cg-auto", *(f"influencekit-cg-auto-tol-{tol:g}" for tol in
-                                 matched.OURS_TOLS), "influencekit-cg-deflated",
+                                 matched.OURS_TOLS), "influencekit-cg-auto-every-example",
+        "influencekit-cg-deflated",
         *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS),
         "influencekit-ekfac", "influencekit-kfac", "influencekit-ekfac-classic",
         "influencekit-kfac-classic", "influencekit-ekfac-deflated-40", "kronfluence-ekfac",

@@ -101,10 +101,13 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
     "influencekit-cg-deflated-independent": _cg(preconditioner=_deflated(80, 160), tol=1e-4,
                                                 block=False),
     "influencekit-cg-ekfac": _cg(preconditioner="ekfac", tol=2e-4),
-    # the preconditioner chosen during the solve (EK-FAC, deflated only where it pays)
-    "influencekit-cg-auto": _cg(preconditioner="auto", tol=2e-4),
-    **{f"influencekit-cg-auto-tol-{tol:g}": _cg(preconditioner="auto", tol=tol)
+    # the preconditioner chosen during the solve (EK-FAC, deflated only where it pays), the
+    # lightest examples (together tol/10 of the curvature weight) left out until the last check
+    "influencekit-cg-auto": _cg(preconditioner="auto", tol=2e-4, negligible=2e-5),
+    **{f"influencekit-cg-auto-tol-{tol:g}": _cg(preconditioner="auto", tol=tol,
+                                                negligible=tol / 10)
        for tol in matched.OURS_TOLS},
+    "influencekit-cg-auto-every-example": _cg(preconditioner="auto", tol=2e-4),
     "influencekit-cg-deflated-40": _cg(preconditioner=_deflated(40, 100), tol=3e-4),
     "influencekit-cg-deflated-3": _cg(preconditioner=_deflated(40, 100), max_iter=3, tol=1e-12),
     "influencekit-cg-ekfac-3": _cg(preconditioner="ekfac", max_iter=3, tol=1e-12),
@@ -147,9 +150,14 @@ SETTINGS: dict[str, dict] = {
     "influencekit-cg-auto": {"solver": "block CG on the Hessian (truncate 0.3), "
                                        "preconditioner='auto': EK-FAC, deflated at 80 Ritz pairs "
                                        "mid-solve where the measured convergence says it pays "
-                                       "(influencekit.solvers.adaptive); tol 2e-4"},
-    **{f"influencekit-cg-auto-tol-{tol:g}": {"solver": f"as influencekit-cg-auto, tol {tol:g}"}
+                                       "(influencekit.solvers.adaptive); negligible=tol/10: the "
+                                       "lightest examples carrying 2e-5 of the curvature weight "
+                                       "left out until the final residual; tol 2e-4"},
+    **{f"influencekit-cg-auto-tol-{tol:g}": {"solver": f"as influencekit-cg-auto, tol {tol:g}, "
+                                                       f"negligible {tol / 10:g}"}
        for tol in matched.OURS_TOLS},
+    "influencekit-cg-auto-every-example": {"solver": "as influencekit-cg-auto, negligible=0 "
+                                                     "(every example in every product)"},
     "influencekit-cg-deflated-3": {"solver": "block CG on the Hessian, preconditioned by "
                                              + _DEFLATED.format(rank=40, iterations=100)
                                              + "; 3 iterations"},

@@ -55,6 +55,14 @@ def test_deflation_is_planned_only_where_its_lanczos_run_pays() -> None:
     assert adaptive.plan_deflation(2e-2, 1e-2, 1e-4, 100, **settings, most=1) is None
 
 
+def test_deflation_is_built_upfront_only_where_its_lanczos_run_is_cheap() -> None:
+    # 100 columns: 0.35·3·100 = 105 products saved at least, against 160·(281/1257)·2 = 71.5
+    plan = adaptive.plan_upfront(100, 281, 1257, 85_002)
+    assert plan is not None and plan.upfront and plan.rank == adaptive.RANK
+    # 60 columns on a model with half its examples in the subset: 63 against 160·0.475·2 = 152
+    assert adaptive.plan_upfront(60, 19, 40, 163) is None
+
+
 def test_the_lanczos_subset_is_the_fewest_heaviest_examples_carrying_the_mass() -> None:
     weights = torch.tensor([1.0, 4.0, 2.0, 3.0])  # total 10; heaviest first 4, 3, 2, 1
     assert heaviest_count(weights, 0.7) == 2  # 4 + 3 = 7
@@ -81,6 +89,17 @@ def test_auto_deflates_a_slow_solve_and_stays_exact(wide_mlp: Problem, block: bo
         assert any("deflated at 80 Ritz pairs" in note for note in report.notes)
         assert report.iterations < ekfac.last_report.iterations
         assert report.details["products"] < ekfac.last_report.details["products"]
+
+
+def test_auto_deflates_from_the_start_where_the_lanczos_run_is_cheap(
+        wide_mlp: Problem) -> None:
+    """300 right-hand sides make the Lanczos run cheap next to one iteration: the deflation is
+    built before the first, and the answer is the dense solve."""
+    auto, X, expected = _solve(wide_mlp, 1e-2, "auto", block=True, k=300)
+    assert auto.deflation_ is not None and auto.deflation_.upfront
+    assert auto.last_report.details["deflated_after_iteration"] == 0
+    assert any("from the start" in note for note in auto.last_report.notes)
+    assert relative_error(X, expected) < 1e-8
 
 
 def test_auto_keeps_ekfac_alone_where_it_converges_fast(wide_mlp: Problem) -> None:

@@ -65,10 +65,12 @@ from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedE
 from ..linalg import orthonormal_columns
 from .adaptive import (
     DECIDE_FROM,
+    EKFAC_ITERATIONS_AT_LEAST,
     MIN_REMAINING,
     SUBSET_MASS,
     DeflationPlan,
     plan_deflation,
+    plan_upfront,
     projected_iterations,
 )
 from .base import (
@@ -137,6 +139,7 @@ class CG(Solver):
         self._deflated: Deflated | None = None  # ... built once, reused by later solves
         self._deflated_at: int | None = None  # after which iteration this solve switched to it
         self._projected = 0.0  # the iterations projected when it switched
+        self._subset: int | None = None  # the Lanczos subset (examples carrying SUBSET_MASS)
         self._precondition: Callable[[Tensor], Tensor] | None = None
         self._inner: Solver | None = None
         self._products = 0  # Hessian-vector products of the last solve
@@ -146,7 +149,7 @@ class CG(Solver):
 
     def prepare(self, operator: HessianOperator) -> CG:
         super().prepare(operator)
-        self.deflation_, self._deflated, self._split = None, None, None
+        self.deflation_, self._deflated, self._split, self._subset = None, None, None, None
         self._split_refused = False
         self._precondition, self._inner = None, make_preconditioner(self._base_preconditioner(),
                                                                     "CG")
@@ -172,7 +175,7 @@ class CG(Solver):
         self._inner = restore_preconditioner(self._base_preconditioner(), "CG", operator,
                                              tensors, values)
         self._precondition = None if self._inner is None else self._inner.apply_inverse
-        self.deflation_, self._deflated, self._split = None, None, None
+        self.deflation_, self._deflated, self._split, self._subset = None, None, None, None
         self._split_refused = False
         saved = values.get("auto_deflation") if self.preconditioner == AUTO else None
         if saved is not None:
@@ -191,6 +194,7 @@ class CG(Solver):
         self._deflated_at = None
         if self.preconditioner == AUTO:  # every solve starts from EK-FAC and decides anew
             self._precondition = self._inner.apply_inverse
+            self._adapt_upfront(V.shape[0])
         split = self._split_operator()
         self._active = self.operator if split is None else split[0]
         try:
@@ -293,6 +297,21 @@ class CG(Solver):
 
     # --------------------------------------------------------------- preconditioner="auto"
 
+    def _adapt_upfront(self, width: int) -> None:
+        """With ``preconditioner="auto"``: deflate before the first iteration where the Lanczos
+        run is cheap next to ``width`` products per iteration (:func:`.adaptive.plan_upfront`)."""
+        op = self.operator
+        plan = plan_upfront(width, self._lanczos_subset(), op.num_train, op.dim)
+        if plan is not None:
+            self._switch(plan, 0)
+
+    def _lanczos_subset(self) -> int:
+        if self.deflation_ is not None:
+            return self.deflation_.subset
+        if self._subset is None:
+            self._subset = heaviest_count(self.operator.curvature_weights(), SUBSET_MASS)
+        return self._subset
+
     def _adapt(self, previous: float, ratio: float, iterations: int, tol: float,
                width: int) -> bool:
         """With ``preconditioner="auto"``, while this solve runs on EK-FAC alone: switch to the
@@ -307,16 +326,17 @@ class CG(Solver):
                 else op.dim - iterations)  # block CG's space spans all p; each column's does
         if min(projected_iterations(previous, ratio, tol), most) < MIN_REMAINING:
             return False  # decided without the pass over the data for the weights
-        if self.deflation_ is None:
-            subset = heaviest_count(op.curvature_weights(), SUBSET_MASS)
-        else:
-            subset = self.deflation_.subset
-        plan = plan_deflation(previous, ratio, tol, width, subset, active.num_train, op.dim,
-                              most)
+        plan = plan_deflation(previous, ratio, tol, width, self._lanczos_subset(),
+                              active.num_train, op.dim, most)
         if plan is None:
             return False
-        if self.deflation_ is not None:
-            plan = dataclasses.replace(plan, subset=self.deflation_.subset)
+        self._switch(plan, iterations)
+        return True
+
+    def _switch(self, plan: DeflationPlan, iterations: int) -> None:
+        """Use the deflated EK-FAC from after ``iterations`` (0: from the start), building it
+        the first time."""
+        op = self.operator
         if self._deflated is None:
             try:
                 self._deflated = self._deflation(plan).deflate(self._inner)
@@ -335,7 +355,6 @@ class CG(Solver):
                         plan.iterations, plan.subset, iterations, plan.projected)
         self._precondition = self._deflated.apply_inverse
         self._deflated_at, self._projected = iterations, plan.projected
-        return True
 
     def _deflation(self, plan: DeflationPlan) -> Deflated:
         deflated = Deflated(base="ekfac", rank=plan.rank, iterations=plan.iterations,
@@ -355,6 +374,12 @@ class CG(Solver):
             return ("auto preconditioner: EK-FAC alone (the measured convergence never "
                     "projected enough iterations for a deflation to pay)")
         plan = self.deflation_
+        if self._deflated_at == 0:
+            return (f"auto preconditioner: EK-FAC deflated at {plan.rank} Ritz pairs from the "
+                    f"start (a Lanczos run of {plan.iterations} products on the {plan.subset} "
+                    f"training examples carrying {SUBSET_MASS:.0%} of the curvature weight, "
+                    f"cheaper than the products it saves if EK-FAC alone needed "
+                    f"{EKFAC_ITERATIONS_AT_LEAST} iterations)")
         return (f"auto preconditioner: EK-FAC, then from iteration {self._deflated_at + 1} "
                 f"EK-FAC deflated at {plan.rank} Ritz pairs (a Lanczos run of {plan.iterations} "
                 f"products on the {plan.subset} training examples carrying "
