@@ -37,7 +37,7 @@ def _results(out: Path, name: str) -> dict:
 
 def _summary(name: str, payload: dict) -> dict:
     results = payload["results"]
-    default = results.get("influencekit-cg-deflated", {})
+    deflated = results.get("influencekit-cg-deflated", {})
     mine, matched = compare.matched_ours(results), compare.matched_pydvl(results)
     kron = results.get("kronfluence-ekfac", {}).get("seconds")
     ours_k = compare.best_kronecker(results, ours=True, within=kron)
@@ -49,8 +49,8 @@ def _summary(name: str, payload: dict) -> dict:
         row["exact"] = {
             "ours_method": mine[0], "ours_seconds": ours["seconds"],
             "ours_relative_error": ours["relative_error"],
-            "default_seconds": default.get("seconds"),
-            "default_relative_error": default.get("relative_error"),
+            "deflated_seconds": deflated.get("seconds"),
+            "deflated_relative_error": deflated.get("relative_error"),
             "ours_iterations": ours.get("iterations"), "ours_products": ours.get("products"),
             "pydvl_method": matched[0], "pydvl_seconds": matched[1]["seconds"],
             "pydvl_relative_error": matched[1]["relative_error"],

@@ -25,10 +25,11 @@ Two variants, both forming the products A·P of a whole block in one batched pas
 - ``block=False``: one classic CG recurrence per right-hand side, batched.
 
 M is an optional preconditioner (another prepared solver whose ``solve`` approximates A⁻¹, e.g.
-``"ekfac"``). ``"auto"`` starts with EK-FAC and deflates it (:class:`~.deflated.Deflated`) once,
-mid-solve, when the convergence measured so far projects that deflation saves more products than
-its Lanczos run costs (the rule is in :mod:`.adaptive`); CG then restarts from its current
-solution, and later solves keep the deflated preconditioner.
+``"ekfac"``). ``"auto"`` uses EK-FAC, deflated (:class:`~.deflated.Deflated`) where that pays
+by the rule of :mod:`.adaptive`: from the start where the Lanczos run is cheap next to one
+iteration over all right-hand sides, otherwise mid-solve once the measured convergence projects
+that deflation saves more products than the run costs (CG then restarts from its current
+solution). The deflation is built once; every solve decides anew whether to use it.
 
 With ``negligible=ε`` > 0 the solve runs in two phases. Most training examples of a trained
 classifier are fitted confidently and add almost nothing to the curvature (on the benchmark GELU
@@ -102,7 +103,7 @@ class CG(Solver):
         block: share one Krylov space across the right-hand sides (see the module docstring).
         preconditioner: ``None``, a solver name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``) or a
             solver object; it is prepared on the same operator and its ``solve`` is used as M.
-            ``"auto"``: EK-FAC, deflated mid-solve where the measured convergence says it pays
+            ``"auto"``: EK-FAC, deflated where the rule of :mod:`.adaptive` says it pays
             (module docstring); the report's notes say what was chosen and why.
         verify: recompute the true residual ‖A·X − V‖ at the end (one more batched product);
             ``converged`` is judged on it. ``False`` reports it as NaN and ``converged=None``
