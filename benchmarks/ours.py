@@ -24,15 +24,16 @@ REPORTS: list[ik.solvers.SolveReport] = []  # the solve report of each call, for
 
 
 def _influence(problem: Problem, solver: ik.solvers.Solver | str,
-               curvature: str = "hessian") -> ik.Influence:
+               curvature: str = "hessian", chunk_size: int = 256) -> ik.Influence:
     return ik.Influence(problem.model, ik.CrossEntropyObjective(), (problem.X_train,
                         problem.y_train), solver=solver, damping=problem.damping,
-                        curvature=curvature)  # type: ignore[arg-type]
+                        curvature=curvature, chunk_size=chunk_size)  # type: ignore[arg-type]
 
 
 def _scores(problem: Problem, solver: ik.solvers.Solver | str,
-            curvature: str = "hessian") -> Tensor:
-    inf = _influence(problem, solver, curvature).fit()
+            curvature: str = "hessian", whole_batch: bool = False) -> Tensor:
+    chunk = len(problem.y_train) if whole_batch else 256  # pyDVL's adapter: one batch of all
+    inf = _influence(problem, solver, curvature, chunk).fit()
     scores = inf.influence((problem.X_test, problem.y_test)).double()
     REPORTS.append(inf.last_solve_report)
     return scores
@@ -108,6 +109,10 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
                                                 negligible=tol / 10)
        for tol in matched.OURS_TOLS},
     "influencekit-cg-auto-every-example": _cg(preconditioner="auto", tol=2e-4),
+    # the same in one pass over all training examples per product, as pyDVL's adapter is given
+    **{f"influencekit-cg-auto-whole-batch-tol-{tol:g}": (
+        lambda p, tol=tol: _scores(p, ik.CG(verify=False, preconditioner="auto", tol=tol),
+                                   whole_batch=True)) for tol in (1e-4, 2e-4, 5e-4)},
     "influencekit-cg-deflated-40": _cg(preconditioner=_deflated(40, 100), tol=3e-4),
     "influencekit-cg-deflated-3": _cg(preconditioner=_deflated(40, 100), max_iter=3, tol=1e-12),
     "influencekit-cg-ekfac-3": _cg(preconditioner="ekfac", max_iter=3, tol=1e-12),
@@ -158,6 +163,10 @@ SETTINGS: dict[str, dict] = {
        for tol in matched.OURS_TOLS},
     "influencekit-cg-auto-every-example": {"solver": "as influencekit-cg-auto, negligible=0 "
                                                      "(every example in every product)"},
+    **{f"influencekit-cg-auto-whole-batch-tol-{tol:g}": {
+        "solver": f"as influencekit-cg-auto-every-example, tol {tol:g}, chunk_size = n (one "
+                  "pass over all training examples per product, as pyDVL's adapter's loader)"}
+       for tol in (1e-4, 2e-4, 5e-4)},
     "influencekit-cg-deflated-3": {"solver": "block CG on the Hessian, preconditioned by "
                                              + _DEFLATED.format(rank=40, iterations=100)
                                              + "; 3 iterations"},
