@@ -223,3 +223,22 @@ def test_an_indefinite_heaviest_part_is_refused_and_every_example_used(
 def test_negligible_must_be_a_share_below_one() -> None:
     with pytest.raises(ValueError, match="negligible must be"):
         ik.CG(negligible=1.0)
+
+
+def test_the_curvature_weights_are_computed_once(wide_mlp: Problem) -> None:
+    """The negligible split, the Lanczos subset and the deflation share one pass for the
+    weights."""
+    from unittest import mock
+
+    from influencekit.curvature import HessianOperator
+
+    op = make_operator(wide_mlp, damping=1e-3)
+    V = torch.randn(300, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    original = HessianOperator.curvature_weights
+    with mock.patch.object(HessianOperator, "curvature_weights", autospec=True,
+                           side_effect=original) as weights:
+        solver = ik.CG(tol=1e-8, preconditioner="auto", negligible=1e-6).prepare(op)
+        solver.solve(V)
+        solver.solve(V)
+    assert solver.deflation_ is not None and solver.deflation_.upfront
+    assert weights.call_count == 1

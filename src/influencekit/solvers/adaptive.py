@@ -94,23 +94,23 @@ def plan_deflation(previous: float, current: float, tol: float, width: int, subs
         most: the iterations CG can still take at all (module docstring).
     """
     remaining = min(projected_iterations(previous, current, tol), most)
-    if remaining < MIN_REMAINING:
+    if remaining < MIN_REMAINING or SAVING * remaining * width <= lanczos_cost(subset,
+                                                                               num_train, dim):
         return None
-    lanczos = 2 * RANK
-    expected_saving = SAVING * min(remaining, 1e9) * width
-    cost = min(lanczos, dim) * (subset / max(num_train, 1)) * LANCZOS_BLOCK_COST
-    if expected_saving <= cost:
-        return None
-    return DeflationPlan(rank=RANK, iterations=lanczos, subset=subset, projected=remaining)
+    return DeflationPlan(rank=RANK, iterations=2 * RANK, subset=subset, projected=remaining)
 
 
 def plan_upfront(width: int, subset: int, num_train: int, dim: int) -> DeflationPlan | None:
     """The deflation to build before the first iteration, or ``None`` where the decision waits
     for the solve's convergence: SAVING · 3 · w > L · (m / n) · LANCZOS_BLOCK_COST (module
     docstring)."""
-    lanczos = 2 * RANK
-    cost = min(lanczos, dim) * (subset / max(num_train, 1)) * LANCZOS_BLOCK_COST
-    if SAVING * EKFAC_ITERATIONS_AT_LEAST * width <= cost:
+    if SAVING * EKFAC_ITERATIONS_AT_LEAST * width <= lanczos_cost(subset, num_train, dim):
         return None
-    return DeflationPlan(rank=RANK, iterations=lanczos, subset=subset, projected=0.0,
+    return DeflationPlan(rank=RANK, iterations=2 * RANK, subset=subset, projected=0.0,
                          upfront=True)
+
+
+def lanczos_cost(subset: int, num_train: int, dim: int) -> float:
+    """The deflation's Lanczos run in products over all n examples in CG's wide blocks:
+    L · (m / n) · LANCZOS_BLOCK_COST with L = min(2·RANK, p)."""
+    return min(2 * RANK, dim) * (subset / max(num_train, 1)) * LANCZOS_BLOCK_COST

@@ -130,7 +130,6 @@ class CG(Solver):
         self.negligible = arguments.real("negligible", negligible, minimum=0.0, maximum=1.0,
                                          strict_maximum=True)
         self._split: tuple[HessianOperator, ...] | None = None  # negligible > 0: built once
-        self._residual = torch.empty(0)  # the last solve's recurrence residual, (k, p)
         self._split_refused = False  # A_S was indefinite: nothing is left out
         self._active: HessianOperator | None = None  # the operator the products use now
         if preconditioner != AUTO:  # checked now, prepared with the operator
@@ -140,7 +139,7 @@ class CG(Solver):
         self._deflated: Deflated | None = None  # ... built once, reused by later solves
         self._deflated_at: int | None = None  # after which iteration this solve switched to it
         self._projected = 0.0  # the iterations projected when it switched
-        self._subset: int | None = None  # the Lanczos subset (examples carrying SUBSET_MASS)
+        self._weights: Tensor | None = None  # the operator's curvature weights, computed once
         self._precondition: Callable[[Tensor], Tensor] | None = None
         self._inner: Solver | None = None
         self._products = 0  # Hessian-vector products of the last solve
@@ -150,7 +149,7 @@ class CG(Solver):
 
     def prepare(self, operator: HessianOperator) -> CG:
         super().prepare(operator)
-        self.deflation_, self._deflated, self._split, self._subset = None, None, None, None
+        self.deflation_, self._deflated, self._split, self._weights = None, None, None, None
         self._split_refused = False
         self._precondition, self._inner = None, make_preconditioner(self._base_preconditioner(),
                                                                     "CG")
@@ -176,7 +175,7 @@ class CG(Solver):
         self._inner = restore_preconditioner(self._base_preconditioner(), "CG", operator,
                                              tensors, values)
         self._precondition = None if self._inner is None else self._inner.apply_inverse
-        self.deflation_, self._deflated, self._split, self._subset = None, None, None, None
+        self.deflation_, self._deflated, self._split, self._weights = None, None, None, None
         self._split_refused = False
         saved = values.get("auto_deflation") if self.preconditioner == AUTO else None
         if saved is not None:
@@ -199,7 +198,8 @@ class CG(Solver):
         split = self._split_operator()
         self._active = self.operator if split is None else split[0]
         try:
-            X, iterations, recurrence = solve(V, tol if split is None else LIGHT_TOL_SHARE * tol)
+            X, R, iterations, recurrence = solve(V, tol if split is None
+                                                 else LIGHT_TOL_SHARE * tol)
         except IndefiniteHessianError:
             if split is None:
                 raise
@@ -209,14 +209,14 @@ class CG(Solver):
                         split[0].num_train)
             self._split, split, self._active = (), None, self.operator
             self._split_refused = True
-            X, iterations, recurrence = solve(V, tol)
+            X, R, iterations, recurrence = solve(V, tol)
         if split is not None:  # phase 2: the residual on all examples, finished on A
             heavy, light = split
             heavy_products = self._products
-            R = self._residual - light.matvec(X, shifted=False)
+            R = R - light.matvec(X, shifted=False)
             self._products += X.shape[0]
             self._active = self.operator
-            X, more, recurrence = solve(V, tol, (X, R))
+            X, R, more, recurrence = solve(V, tol, (X, R))
             iterations += more
         self._check_output(X)
         residual = self._relative_residual(X, V) if self.verify else float("nan")
@@ -288,8 +288,7 @@ class CG(Solver):
         if self.negligible == 0:
             return None
         if self._split is None:
-            op = self.operator
-            weights = op.curvature_weights()
+            op, weights = self.operator, self._curvature_weights()
             kept = heaviest_count(weights, 1.0 - self.negligible)
             order = torch.argsort(weights, descending=True)
             self._split = (() if kept >= op.num_train
@@ -306,12 +305,17 @@ class CG(Solver):
         if plan is not None:
             self._switch(plan, 0)
 
+    def _curvature_weights(self) -> Tensor:
+        """The operator's curvature weights, computed once per prepare (the negligible split,
+        the Lanczos subset and the deflation share them)."""
+        if self._weights is None:
+            self._weights = self.operator.curvature_weights()
+        return self._weights
+
     def _lanczos_subset(self) -> int:
         if self.deflation_ is not None:
             return self.deflation_.subset
-        if self._subset is None:
-            self._subset = heaviest_count(self.operator.curvature_weights(), SUBSET_MASS)
-        return self._subset
+        return heaviest_count(self._curvature_weights(), SUBSET_MASS)
 
     def _adapt(self, previous: float, ratio: float, iterations: int, tol: float,
                width: int) -> bool:
@@ -340,7 +344,8 @@ class CG(Solver):
         op = self.operator
         if self._deflated is None:
             try:
-                self._deflated = self._deflation(plan).deflate(self._inner)
+                self._deflated = self._deflation(plan).deflate(self._inner,
+                                                               self._curvature_weights())
             except IndefiniteHessianError:
                 if plan.subset >= op.num_train:
                     raise  # A itself is indefinite: CG could not converge either
@@ -349,7 +354,8 @@ class CG(Solver):
                 logger.info("CG auto: the curvature of the %d heaviest examples is indefinite; "
                             "the Lanczos run uses all %d.", plan.subset, op.num_train)
                 plan = dataclasses.replace(plan, subset=op.num_train)
-                self._deflated = self._deflation(plan).deflate(self._inner)
+                self._deflated = self._deflation(plan).deflate(self._inner,
+                                                               self._curvature_weights())
             self.deflation_ = plan
             logger.info("CG auto: EK-FAC deflated at %d Ritz pairs (Lanczos %d products on %d "
                         "examples) after iteration %d, %g iterations projected.", plan.rank,
@@ -390,8 +396,9 @@ class CG(Solver):
     # --------------------------------------------------------------- block CG (Ji & Li 2017)
 
     def _block_cg(self, V: Tensor, tol: float, start: tuple[Tensor, Tensor] | None = None
-                  ) -> tuple[Tensor, int, float]:
-        """Block CG from X = 0, or from ``start`` = (X₀, its residual V − A·X₀), both (k, p)."""
+                  ) -> tuple[Tensor, Tensor, int, float]:
+        """Block CG from X = 0, or from ``start`` = (X₀, its residual V − A·X₀), both (k, p);
+        returns X, the recurrence residual V − A·X, the iterations and the largest ratio."""
         B = V.T  # (p, k): columns are right-hand sides
         v_norm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
         X = torch.zeros_like(B)
@@ -399,11 +406,10 @@ class CG(Solver):
         if start is not None:
             X.copy_(start[0].T)
             R.copy_(start[1].T)
-        self._residual = R.T
         ratio = float((R.norm(dim=0) / v_norm).max())
         if ratio <= tol:
-            return X.T, 0, ratio
-        P = orthonormal_columns(self._apply_m(self._search_space(R, v_norm, tol).T).T)
+            return X.T, R.T, 0, ratio
+        P = self._first_directions(R, v_norm, tol)
         iterations = 0
         with self._progress_bar("block CG iterations") as bar:
             while iterations < self.max_iter:
@@ -416,14 +422,12 @@ class CG(Solver):
                 if ratio <= tol:
                     break
                 if self._adapt(previous, ratio, iterations, tol, P.shape[1]):
-                    # restart from X with the deflated preconditioner (R is kept)
-                    P = orthonormal_columns(
-                        self._apply_m(self._search_space(R, v_norm, tol).T).T)
+                    P = self._first_directions(R, v_norm, tol)  # restart: X and R are kept
                 else:
                     P = self._next_directions(R, v_norm, tol)
                 if P.shape[1] == 0:
                     break
-        return X.T, iterations, ratio
+        return X.T, R.T, iterations, ratio
 
     def _block_step(self, B: Tensor, X: Tensor, R: Tensor, P: Tensor, v_norm: Tensor,
                     iteration: int) -> float:
@@ -446,6 +450,10 @@ class CG(Solver):
         """A·v for the rows of ``rows`` with the operator in use (A, or A_S in phase 1)."""
         self._products += rows.shape[0]
         return (self._active or self.operator).matvec(rows)
+
+    def _first_directions(self, R: Tensor, v_norm: Tensor, tol: float) -> Tensor:
+        """P = orth(M·S(R)): the search directions that start (or restart) the recurrence."""
+        return orthonormal_columns(self._apply_m(self._search_space(R, v_norm, tol).T).T)
 
     def _next_directions(self, R: Tensor, v_norm: Tensor, tol: float) -> Tensor:
         """P = orth(Z − P·(PᵀQ)⁻¹QᵀZ) with Z = M·S(R) (module docstring)."""
@@ -470,12 +478,13 @@ class CG(Solver):
     # --------------------------------------------------------------- independent CG
 
     def _independent_cg(self, V: Tensor, tol: float,
-                        start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int, float]:
-        """Independent CG from X = 0, or from ``start`` = (X₀, V − A·X₀)."""
+                        start: tuple[Tensor, Tensor] | None = None
+                        ) -> tuple[Tensor, Tensor, int, float]:
+        """Independent CG from X = 0, or from ``start`` = (X₀, V − A·X₀); returns as
+        :meth:`_block_cg` does."""
         op = self._active or self.operator
         X = torch.zeros_like(V) if start is None else start[0].clone()
         R = V.clone() if start is None else start[1].clone()
-        self._residual = R
         Z = self._apply_m(R)
         P = Z.clone()
         rz = (R * Z).sum(dim=1)
@@ -505,15 +514,16 @@ class CG(Solver):
             P[active] = Z_a + beta[:, None] * P_a
             rz[active] = rz_new
             active = active[R[active].norm(dim=1) > tol * v_norm[active]]
+            if self.preconditioner != AUTO or not active.numel():
+                continue
             previous, ratio = ratio, max_ratio(R, V)
-            if active.numel() and self._adapt(previous, ratio, iterations, tol,
-                                              int(active.numel())):
+            if self._adapt(previous, ratio, iterations, tol, int(active.numel())):
                 Z_a = self._apply_m(R[active])  # restart with the deflated preconditioner
                 P[active] = Z_a
                 rz[active] = (R[active] * Z_a).sum(dim=1)
         bar.close()
         ratio = max_ratio(R, V) if V.numel() else 0.0
-        return X, iterations, ratio
+        return X, R, iterations, ratio
 
 
 def _check_curvature(PtQ: Tensor, iteration: int, damping: float) -> None:

@@ -85,12 +85,7 @@ class Deflated(ApproximateInverse):
         self.seed = arguments.seed("seed", seed)
         from . import make_solver  # the registry imports this module
 
-        candidate = make_solver(base)
-        if not candidate.has_inverse_sqrt:
-            raise InputTypeError(
-                f"Deflated needs a base with a symmetric square root of its inverse; "
-                f"{type(candidate).__name__} keeps no eigenbasis. Use 'ekfac', 'kfac', "
-                "'arnoldi' or 'direct' as the base.")
+        _require_square_root(make_solver(base))
         self.base = base
         self.ritz_values_: Tensor | None = None
         self.subset_size_: int | None = None
@@ -107,13 +102,12 @@ class Deflated(ApproximateInverse):
         base.progress = self.progress
         return self.deflate(base.prepare(operator))
 
-    def deflate(self, base: Solver) -> Deflated:
+    def deflate(self, base: Solver, weights: Tensor | None = None) -> Deflated:
         """Bind to ``base``'s operator and deflate ``base``, a solver already prepared on it
         (what :meth:`prepare` does after fitting its own base; CG's ``preconditioner="auto"``
-        deflates the EK-FAC it has already fitted this way, without a second fit)."""
-        if not base.has_inverse_sqrt:
-            raise InputTypeError(f"Deflated needs a base with a symmetric square root of its "
-                                 f"inverse; {type(base).__name__} keeps no eigenbasis.")
+        deflates the EK-FAC it has already fitted this way, without a second fit). ``weights``:
+        the operator's ``curvature_weights()`` where the caller has them already."""
+        _require_square_root(base)
         operator = base.operator
         super().prepare(operator)
         self._base = base
@@ -121,7 +115,8 @@ class Deflated(ApproximateInverse):
         krylov_operator = operator
         self.subset_size_ = operator.num_train
         if self.subset is not None or self.subset_mass is not None:
-            weights = operator.curvature_weights()
+            if weights is None:
+                weights = operator.curvature_weights()
             size = (self.subset if self.subset is not None
                     else heaviest_count(weights, self.subset_mass))
             if size < operator.num_train:
@@ -199,6 +194,14 @@ class Deflated(ApproximateInverse):
         return {"deflated": int(self._theta.numel()),
                 "preconditioned_min": float(spectrum.min()),
                 "preconditioned_max": float(spectrum.max())}
+
+
+def _require_square_root(base: Solver) -> None:
+    if not base.has_inverse_sqrt:
+        raise InputTypeError(
+            f"Deflated needs a base with a symmetric square root of its inverse; "
+            f"{type(base).__name__} keeps no eigenbasis. Use 'ekfac', 'kfac', 'arnoldi' or "
+            "'direct' as the base.")
 
 
 def heaviest_count(weights: Tensor, mass: float) -> int:
