@@ -40,7 +40,7 @@ FAMILIES: dict[str, list[str]] = {
                    "influencekit-cg-deflated-independent", "influencekit-cg-ekfac",
                    "influencekit-cg-auto",
                    *(f"influencekit-cg-auto-tol-{tol:g}" for tol in matched.OURS_TOLS),
-                   "influencekit-cg-auto-every-example",
+                   "influencekit-cg-auto-negligible",
                    *(f"influencekit-cg-auto-whole-batch-tol-{tol:g}" for tol in
                      (1e-4, 2e-4, 5e-4)),
                    "influencekit-cg-deflated-40", "pydvl-cg-block",
@@ -59,7 +59,7 @@ FAMILIES: dict[str, list[str]] = {
 
 # The rows the checks of issue 14 need, for the run over every problem (compare_problems.py).
 CORE = ["influencekit-cg-auto", *(f"influencekit-cg-auto-tol-{tol:g}" for tol in
-                                 matched.OURS_TOLS), "influencekit-cg-auto-every-example",
+                                 matched.OURS_TOLS), "influencekit-cg-auto-negligible",
         "influencekit-cg-deflated",
         *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS),
         "influencekit-ekfac", "influencekit-kfac", "influencekit-ekfac-classic",

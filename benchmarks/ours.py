@@ -104,11 +104,11 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
     "influencekit-cg-ekfac": _cg(preconditioner="ekfac", tol=2e-4),
     # the preconditioner chosen during the solve (EK-FAC, deflated only where it pays), the
     # lightest examples (together tol/10 of the curvature weight) left out until the last check
-    "influencekit-cg-auto": _cg(preconditioner="auto", tol=2e-4, negligible=2e-5),
-    **{f"influencekit-cg-auto-tol-{tol:g}": _cg(preconditioner="auto", tol=tol,
-                                                negligible=tol / 10)
+    "influencekit-cg-auto": _cg(preconditioner="auto", tol=2e-4),
+    **{f"influencekit-cg-auto-tol-{tol:g}": _cg(preconditioner="auto", tol=tol)
        for tol in matched.OURS_TOLS},
-    "influencekit-cg-auto-every-example": _cg(preconditioner="auto", tol=2e-4),
+    # the lightest examples left out until the final residual (off by default)
+    "influencekit-cg-auto-negligible": _cg(preconditioner="auto", tol=2e-4, negligible=2e-5),
     # the same in one pass over all training examples per product, as pyDVL's adapter is given
     **{f"influencekit-cg-auto-whole-batch-tol-{tol:g}": (
         lambda p, tol=tol: _scores(p, ik.CG(verify=False, preconditioner="auto", tol=tol),
@@ -154,17 +154,17 @@ SETTINGS: dict[str, dict] = {
                                         "tol 2e-4"},
     "influencekit-cg-auto": {"solver": "block CG on the Hessian (truncate 0.3), "
                                        "preconditioner='auto': EK-FAC, deflated at 80 Ritz pairs "
-                                       "mid-solve where the measured convergence says it pays "
-                                       "(influencekit.solvers.adaptive); negligible=tol/10: the "
-                                       "lightest examples carrying 2e-5 of the curvature weight "
-                                       "left out until the final residual; tol 2e-4"},
-    **{f"influencekit-cg-auto-tol-{tol:g}": {"solver": f"as influencekit-cg-auto, tol {tol:g}, "
-                                                       f"negligible {tol / 10:g}"}
+                                       "where the measured costs say it pays "
+                                       "(influencekit.solvers.adaptive); every example in every "
+                                       "product (negligible=0, the default); tol 2e-4"},
+    **{f"influencekit-cg-auto-tol-{tol:g}": {"solver": f"as influencekit-cg-auto, tol {tol:g}"}
        for tol in matched.OURS_TOLS},
-    "influencekit-cg-auto-every-example": {"solver": "as influencekit-cg-auto, negligible=0 "
-                                                     "(every example in every product)"},
+    "influencekit-cg-auto-negligible": {"solver": "as influencekit-cg-auto, negligible=2e-5: "
+                                                  "the lightest examples carrying 2e-5 of the "
+                                                  "curvature weight left out until the final "
+                                                  "residual"},
     **{f"influencekit-cg-auto-whole-batch-tol-{tol:g}": {
-        "solver": f"as influencekit-cg-auto-every-example, tol {tol:g}, chunk_size = n (one "
+        "solver": f"as influencekit-cg-auto, tol {tol:g}, chunk_size = n (one "
                   "pass over all training examples per product, as pyDVL's adapter's loader)"}
        for tol in (1e-4, 2e-4, 5e-4)},
     "influencekit-cg-deflated-3": {"solver": "block CG on the Hessian, preconditioned by "

@@ -1,5 +1,5 @@
 """CG's preconditioner="auto": EK-FAC, deflated mid-solve only where the measured convergence
-says it pays; exact either way."""
+and the measured costs say it pays; exact either way."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ from conftest import Problem, make_mlp, make_operator, relative_error
 @pytest.fixture(scope="module")
 def wide_mlp() -> Problem:
     return make_mlp(hidden=20)  # p = 163
+
+
+@pytest.fixture
+def fixed_costs(monkeypatch: pytest.MonkeyPatch):
+    """Replace the timed costs by given ones, so that a decision does not depend on how fast
+    this machine happens to be (on a model this small, timings are mostly overhead)."""
+    def use(product: float = 1.0, apply: float = 0.0) -> None:
+        costs = adaptive.StepCosts(product=product, apply=apply)
+        monkeypatch.setattr(ik.CG, "_step_costs", lambda self: costs)
+
+    return use
 
 
 def _solve(problem: Problem, damping: float, preconditioner: str, block: bool,
@@ -40,27 +51,44 @@ def test_projected_iterations_follow_the_last_contraction() -> None:
     assert adaptive.projected_iterations(0.1, 0.1, 1e-6) == math.inf  # stalled
 
 
+def test_the_first_contraction_is_discounted() -> None:
+    # ρ = 0.3 from r_0 = 1: ⌈log(2e-4 / 0.3) / log 0.3⌉ = 7 at that rate, 3 as counted
+    assert adaptive.projected_iterations(1.0, 0.3, 2e-4) == 7
+    assert adaptive.remaining_iterations(1.0, 0.3, 2e-4, iteration=1) == math.ceil(
+        7 / adaptive.FIRST_CONTRACTION_OVERSTATES)
+    assert adaptive.remaining_iterations(1.0, 0.3, 2e-4, iteration=2) == 7
+    assert adaptive.remaining_iterations(0.3, 0.3, 2e-4, iteration=1) == math.inf
+
+
+def test_the_lanczos_run_is_priced_in_measured_seconds() -> None:
+    costs = adaptive.StepCosts(product=0.01, apply=0.002)
+    # 160 products on 300 of 1,200 examples at 2x the per-vector price, each between two
+    # applications, times the orthogonalisation's share
+    expected = 160 * (0.01 * 0.25 * adaptive.LANCZOS_BLOCK_COST + 2 * 0.002) \
+        * adaptive.REORTHOGONALISATION
+    assert adaptive.lanczos_seconds(300, 1200, 10_000, costs) == pytest.approx(expected)
+    # a model with fewer parameters than 2·RANK stops the run at p products
+    assert adaptive.lanczos_seconds(300, 1200, 50, costs) == pytest.approx(expected * 50 / 160)
+
+
 def test_deflation_is_planned_only_where_its_lanczos_run_pays() -> None:
-    settings = {"subset": 300, "num_train": 1200, "dim": 10_000}
-    # 100 columns, ρ = 0.5 from 1e-2 to 1e-4: 7 iterations left, 0.35·7·100 = 245 products
-    # saved against 160·(300/1200)·2 = 80 for the Lanczos run
-    plan = adaptive.plan_deflation(2e-2, 1e-2, 1e-4, 100, **settings)
-    assert plan is not None and plan.projected == 7
+    settings = {"subset": 300, "num_train": 1200, "dim": 10_000,
+                "costs": adaptive.StepCosts(product=0.01, apply=0.002)}
+    lanczos = adaptive.lanczos_seconds(**settings)  # 1.56 s
+    # 100 columns, 7 iterations left: 0.35·7·100·0.012 = 2.94 s saved
+    plan = adaptive.plan_deflation(7, 100, **settings)
+    assert lanczos < 0.35 * 7 * 100 * 0.012
+    assert plan is not None and plan.projected == 7 and not plan.upfront
     assert (plan.rank, plan.iterations, plan.subset) == (adaptive.RANK, 2 * adaptive.RANK, 300)
-    # a single column saves 0.35·7 < 80 products: not worth it
-    assert adaptive.plan_deflation(2e-2, 1e-2, 1e-4, 1, **settings) is None
+    # a single column saves 0.03 s: not worth it
+    assert adaptive.plan_deflation(7, 1, **settings) is None
     # one iteration left: nothing to save
-    assert adaptive.plan_deflation(1e-2, 2e-4, 1e-4, 100, **settings) is None
+    assert adaptive.plan_deflation(1, 100, **settings) is None
     # CG that can take at most one more iteration: nothing to save either
-    assert adaptive.plan_deflation(2e-2, 1e-2, 1e-4, 100, **settings, most=1) is None
-
-
-def test_deflation_is_built_upfront_only_where_its_lanczos_run_is_cheap() -> None:
-    # 100 columns: 0.35·3·100 = 105 products saved at least, against 160·(281/1257)·2 = 71.5
-    plan = adaptive.plan_upfront(100, 281, 1257, 85_002)
-    assert plan is not None and plan.upfront and plan.rank == adaptive.RANK
-    # 60 columns on a model with half its examples in the subset: 63 against 160·0.475·2 = 152
-    assert adaptive.plan_upfront(60, 19, 40, 163) is None
+    assert adaptive.plan_deflation(7, 100, **settings, most=1) is None
+    # the same solve where EK-FAC is dear next to a product: the run's applications outweigh
+    dear = {**settings, "costs": adaptive.StepCosts(product=0.001, apply=0.01)}
+    assert adaptive.plan_deflation(3, 100, **dear) is None
 
 
 def test_the_lanczos_subset_is_the_fewest_heaviest_examples_carrying_the_mass() -> None:
@@ -74,10 +102,12 @@ def test_the_lanczos_subset_is_the_fewest_heaviest_examples_carrying_the_mass() 
 # ------------------------------------------------------------------ CG with "auto"
 
 @pytest.mark.parametrize("block", [True, False])
-def test_auto_deflates_a_slow_solve_and_stays_exact(wide_mlp: Problem, block: bool) -> None:
+def test_auto_deflates_a_slow_solve_and_stays_exact(wide_mlp: Problem, block: bool,
+                                                     fixed_costs) -> None:
     """With 60 independent recurrences EK-FAC alone needs 71 iterations at damping 1e-4; the
     measured convergence triggers the deflation, which cuts them, and the answer still equals
     the dense float64 solve."""
+    fixed_costs(product=1.0, apply=0.0)
     auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=block)
     assert relative_error(X, expected) < 1e-8
     if not block:
@@ -91,20 +121,28 @@ def test_auto_deflates_a_slow_solve_and_stays_exact(wide_mlp: Problem, block: bo
         assert report.details["products"] < ekfac.last_report.details["products"]
 
 
-def test_auto_deflates_from_the_start_where_the_lanczos_run_is_cheap(
-        wide_mlp: Problem) -> None:
-    """300 right-hand sides make the Lanczos run cheap next to one iteration: the deflation is
-    built before the first, and the answer is the dense solve."""
-    auto, X, expected = _solve(wide_mlp, 1e-2, "auto", block=True, k=300)
-    assert auto.deflation_ is not None and auto.deflation_.upfront
-    assert auto.last_report.details["deflated_after_iteration"] == 0
-    assert any("from the start" in note for note in auto.last_report.notes)
-    assert relative_error(X, expected) < 1e-8
+def test_the_costs_are_measured_once_and_kept(wide_mlp: Problem) -> None:
+    """Timed on this machine in the first solve (positive seconds, in the notes), then reused:
+    a second solve of the same right-hand sides takes the same path, whatever it decided."""
+    op = make_operator(wide_mlp, damping=1e-4)
+    V = torch.randn(60, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    solver = ik.CG(tol=1e-10, preconditioner="auto").prepare(op)
+    first = solver.solve(V)
+    costs = solver.fitted_state()[1]["auto_costs"]
+    assert costs["product"] > 0 and costs["apply"] > 0
+    assert any("ms per product" in note for note in solver.last_report.notes)
+    assert torch.equal(solver.solve(V), first)
+    assert solver.fitted_state()[1]["auto_costs"] == costs
+    expected = torch.linalg.solve(wide_mlp.dense_hessian(1e-4), V.T).T
+    assert relative_error(first, expected) < 1e-8
 
 
-def test_auto_keeps_ekfac_alone_where_it_converges_fast(wide_mlp: Problem) -> None:
-    """Block CG on 60 columns of a 163-parameter model ends in 3 iterations under EK-FAC: no
-    Lanczos run is paid, and the solve is EK-FAC-preconditioned CG to the bit."""
+def test_auto_keeps_ekfac_alone_where_it_converges_fast(wide_mlp: Problem,
+                                                         fixed_costs) -> None:
+    """Block CG on 60 columns of a 163-parameter model ends in 3 iterations under EK-FAC: where
+    an EK-FAC application costs as much as a product, no Lanczos run is paid, and the solve is
+    EK-FAC-preconditioned CG to the bit."""
+    fixed_costs(product=1.0, apply=1.0)
     auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=True)
     _, X_ekfac, _ = _solve(wide_mlp, 1e-4, "ekfac", block=True)
     assert auto.deflation_ is None
@@ -115,7 +153,8 @@ def test_auto_keeps_ekfac_alone_where_it_converges_fast(wide_mlp: Problem) -> No
 
 
 def test_every_solve_decides_anew_so_answers_do_not_depend_on_earlier_solves(
-        wide_mlp: Problem) -> None:
+        wide_mlp: Problem, fixed_costs) -> None:
+    fixed_costs(product=1.0, apply=0.0)
     op = make_operator(wide_mlp, damping=1e-4)
     generator = torch.Generator().manual_seed(1)
     V = torch.randn(60, op.dim, dtype=torch.float64, generator=generator)
@@ -127,9 +166,11 @@ def test_every_solve_decides_anew_so_answers_do_not_depend_on_earlier_solves(
     assert fresh.last_report.details["deflated_after_iteration"] >= adaptive.DECIDE_FROM
 
 
-def test_an_indefinite_subset_falls_back_to_all_examples(wide_mlp: Problem) -> None:
+def test_an_indefinite_subset_falls_back_to_all_examples(wide_mlp: Problem,
+                                                           fixed_costs) -> None:
     """On a non-convex model the heaviest examples' curvature alone can be indefinite (here at
     damping 1e-4) while the whole sum is not: the Lanczos run then takes every example."""
+    fixed_costs(product=1.0, apply=0.0)
     auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=False)
     assert auto.deflation_ is not None and auto.deflation_.subset == wide_mlp.X.shape[0]
     assert relative_error(X, expected) < 1e-8
@@ -162,7 +203,9 @@ def test_subset_mass_picks_the_heaviest_examples(mlp: Problem) -> None:
         ik.solvers.Deflated(subset_mass=0.0)
 
 
-def test_a_saved_fit_keeps_the_deflation_a_solve_built(wide_mlp: Problem, tmp_path) -> None:
+def test_a_saved_fit_keeps_the_deflation_a_solve_built(wide_mlp: Problem, tmp_path,
+                                                        fixed_costs) -> None:
+    fixed_costs(product=1.0, apply=0.0)
     def solver() -> ik.CG:
         return ik.CG(tol=1e-10, preconditioner="auto", block=False)
 
@@ -225,20 +268,22 @@ def test_negligible_must_be_a_share_below_one() -> None:
         ik.CG(negligible=1.0)
 
 
-def test_the_curvature_weights_are_computed_once(wide_mlp: Problem) -> None:
+def test_the_curvature_weights_are_computed_once(wide_mlp: Problem, fixed_costs) -> None:
     """The negligible split, the Lanczos subset and the deflation share one pass for the
     weights."""
     from unittest import mock
 
     from influencekit.curvature import HessianOperator
 
-    op = make_operator(wide_mlp, damping=1e-3)
-    V = torch.randn(300, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fixed_costs(product=1.0, apply=0.0)
+    op = make_operator(wide_mlp, damping=1e-4)
+    V = torch.randn(60, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     original = HessianOperator.curvature_weights
     with mock.patch.object(HessianOperator, "curvature_weights", autospec=True,
                            side_effect=original) as weights:
-        solver = ik.CG(tol=1e-8, preconditioner="auto", negligible=1e-6).prepare(op)
+        solver = ik.CG(tol=1e-8, preconditioner="auto", block=False,
+                       negligible=1e-6).prepare(op)
         solver.solve(V)
         solver.solve(V)
-    assert solver.deflation_ is not None and solver.deflation_.upfront
+    assert solver.deflation_ is not None
     assert weights.call_count == 1

@@ -26,10 +26,10 @@ Two variants, both forming the products A·P of a whole block in one batched pas
 
 M is an optional preconditioner (another prepared solver whose ``solve`` approximates A⁻¹, e.g.
 ``"ekfac"``). ``"auto"`` uses EK-FAC, deflated (:class:`~.deflated.Deflated`) where that pays
-by the rule of :mod:`.adaptive`: from the start where the Lanczos run is cheap next to one
-iteration over all right-hand sides, otherwise mid-solve once the measured convergence projects
-that deflation saves more products than the run costs (CG then restarts from its current
-solution). The deflation is built once; every solve decides anew whether to use it.
+by the rule of :mod:`.adaptive`: from the first iteration on, once the measured convergence
+projects that deflation saves more time than its Lanczos run costs, both timed on this machine
+(CG then restarts from its current solution). The deflation is built once; every solve decides
+anew whether to use it.
 
 With ``negligible=ε`` > 0 the solve runs in two phases. Most training examples of a trained
 classifier are fitted confidently and add almost nothing to the curvature (on the benchmark GELU
@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable
 
@@ -66,13 +67,12 @@ from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedE
 from ..linalg import orthonormal_columns
 from .adaptive import (
     DECIDE_FROM,
-    EKFAC_ITERATIONS_AT_LEAST,
     MIN_REMAINING,
     SUBSET_MASS,
     DeflationPlan,
+    StepCosts,
     plan_deflation,
-    plan_upfront,
-    projected_iterations,
+    remaining_iterations,
 )
 from .base import (
     Solver,
@@ -151,6 +151,8 @@ class CG(Solver):
         super().prepare(operator)
         self.deflation_, self._deflated, self._split, self._weights = None, None, None, None
         self._split_refused = False
+        self._costs: StepCosts | None = None
+        self._timings: dict[str, float] = {}
         self._precondition, self._inner = None, make_preconditioner(self._base_preconditioner(),
                                                                     "CG")
         if self._inner is not None:
@@ -162,6 +164,7 @@ class CG(Solver):
         tensors, values = preconditioner_state(self._inner)
         if self.preconditioner == AUTO:  # the deflation, if a solve built it
             values["auto_deflation"] = None
+            values["auto_costs"] = None if self._costs is None else dataclasses.asdict(self._costs)
             if self._deflated is not None and self.deflation_ is not None:
                 extra, extra_values = self._deflated.fitted_state()
                 tensors.update(prefixed("auto_deflation", extra))
@@ -177,6 +180,9 @@ class CG(Solver):
         self._precondition = None if self._inner is None else self._inner.apply_inverse
         self.deflation_, self._deflated, self._split, self._weights = None, None, None, None
         self._split_refused = False
+        costs = values.get("auto_costs") if self.preconditioner == AUTO else None
+        self._costs = None if costs is None else StepCosts(**costs)
+        self._timings = {}
         saved = values.get("auto_deflation") if self.preconditioner == AUTO else None
         if saved is not None:
             self.deflation_ = DeflationPlan(**saved["plan"])
@@ -194,7 +200,6 @@ class CG(Solver):
         self._deflated_at = None
         if self.preconditioner == AUTO:  # every solve starts from EK-FAC and decides anew
             self._precondition = self._inner.apply_inverse
-            self._adapt_upfront(V.shape[0])
         split = self._split_operator()
         self._active = self.operator if split is None else split[0]
         try:
@@ -279,7 +284,30 @@ class CG(Solver):
         it to a share of the rows)."""
         if self._precondition is None:
             return R
-        return distributed.split_rows(self._precondition, R)
+        return self._timed("apply", R.shape[0],
+                           lambda: distributed.split_rows(self._precondition, R))
+
+    def _timed(self, what: str, vectors: int, work: Callable[[], Tensor]) -> Tensor:
+        """``work()``; with ``preconditioner="auto"``, until the costs are known, its seconds
+        per vector are kept as the first measurement of ``what`` ("apply" or "product")."""
+        if self.preconditioner != AUTO or self._costs is not None or what in self._timings \
+                or vectors == 0:
+            return work()
+        device = self.operator.device
+        _synchronize(device)
+        start = time.perf_counter()
+        out = work()
+        _synchronize(device)
+        self._timings[what] = (time.perf_counter() - start) / vectors
+        return out
+
+    def _step_costs(self) -> StepCosts | None:
+        """The measured :class:`.adaptive.StepCosts` (process 0's under torch.distributed, so
+        that every process decides alike), once a product and an application were timed."""
+        if self._costs is None and {"apply", "product"} <= self._timings.keys():
+            self._costs = distributed.broadcast(StepCosts(product=self._timings["product"],
+                                                          apply=self._timings["apply"]))
+        return self._costs
 
     def _split_operator(self) -> tuple[HessianOperator, HessianOperator] | None:
         """(A_S, C_L's operator) for ``negligible`` > 0: the heaviest examples and the lightest
@@ -297,14 +325,6 @@ class CG(Solver):
 
     # --------------------------------------------------------------- preconditioner="auto"
 
-    def _adapt_upfront(self, width: int) -> None:
-        """With ``preconditioner="auto"``: deflate before the first iteration where the Lanczos
-        run is cheap next to ``width`` products per iteration (:func:`.adaptive.plan_upfront`)."""
-        op = self.operator
-        plan = plan_upfront(width, self._lanczos_subset(), op.num_train, op.dim)
-        if plan is not None:
-            self._switch(plan, 0)
-
     def _curvature_weights(self) -> Tensor:
         """The operator's curvature weights, computed once per prepare (the negligible split,
         the Lanczos subset and the deflation share them)."""
@@ -313,8 +333,8 @@ class CG(Solver):
         return self._weights
 
     def _lanczos_subset(self) -> int:
-        if self.deflation_ is not None:
-            return self.deflation_.subset
+        """The examples a Lanczos run is planned on; the same in every solve (even where the
+        run, once built, had to take all examples), so that every solve decides alike."""
         return heaviest_count(self._curvature_weights(), SUBSET_MASS)
 
     def _adapt(self, previous: float, ratio: float, iterations: int, tol: float,
@@ -322,17 +342,20 @@ class CG(Solver):
         """With ``preconditioner="auto"``, while this solve runs on EK-FAC alone: switch to the
         deflated preconditioner if the rule of :mod:`.adaptive` says it pays (building it the
         first time); whether the preconditioner changed. The switch depends only on this
-        solve's own convergence, so the same right-hand sides always take the same path."""
+        solve's own convergence and the costs measured once, so the same right-hand sides
+        always take the same path."""
         if (self.preconditioner != AUTO or self._deflated_at is not None
                 or iterations < DECIDE_FROM):
             return False
         op, active = self.operator, self._active or self.operator
         most = (math.ceil(max(op.dim - self._products, 0) / max(width, 1)) if self.block
                 else op.dim - iterations)  # block CG's space spans all p; each column's does
-        if min(projected_iterations(previous, ratio, tol), most) < MIN_REMAINING:
+        remaining = remaining_iterations(previous, ratio, tol, iterations)
+        costs = self._step_costs()
+        if min(remaining, most) < MIN_REMAINING or costs is None:
             return False  # decided without the pass over the data for the weights
-        plan = plan_deflation(previous, ratio, tol, width, self._lanczos_subset(),
-                              active.num_train, op.dim, most)
+        plan = plan_deflation(remaining, width, self._lanczos_subset(), active.num_train,
+                              op.dim, costs, most)
         if plan is None:
             return False
         self._switch(plan, iterations)
@@ -377,21 +400,19 @@ class CG(Solver):
                 "lanczos_subset": float(plan.subset if plan else 0)}
 
     def _auto_note(self) -> str:
+        costs = "" if self._costs is None else (
+            f"; measured {1e3 * self._costs.product:.3g} ms per product, "
+            f"{1e3 * self._costs.apply:.3g} ms per EK-FAC application")
         if self._deflated_at is None:
             return ("auto preconditioner: EK-FAC alone (the measured convergence never "
-                    "projected enough iterations for a deflation to pay)")
+                    "projected a deflation to save more time than its Lanczos run costs"
+                    + costs + ")")
         plan = self.deflation_
-        if self._deflated_at == 0:
-            return (f"auto preconditioner: EK-FAC deflated at {plan.rank} Ritz pairs from the "
-                    f"start (a Lanczos run of {plan.iterations} products on the {plan.subset} "
-                    f"training examples carrying {SUBSET_MASS:.0%} of the curvature weight, "
-                    f"cheaper than the products it saves if EK-FAC alone needed "
-                    f"{EKFAC_ITERATIONS_AT_LEAST} iterations)")
         return (f"auto preconditioner: EK-FAC, then from iteration {self._deflated_at + 1} "
                 f"EK-FAC deflated at {plan.rank} Ritz pairs (a Lanczos run of {plan.iterations} "
                 f"products on the {plan.subset} training examples carrying "
                 f"{SUBSET_MASS:.0%} of the curvature weight), when {self._projected:g} more "
-                "iterations were projected")
+                "iterations were projected" + costs)
 
     # --------------------------------------------------------------- block CG (Ji & Li 2017)
 
@@ -449,7 +470,10 @@ class CG(Solver):
     def _products_of(self, rows: Tensor) -> Tensor:
         """A·v for the rows of ``rows`` with the operator in use (A, or A_S in phase 1)."""
         self._products += rows.shape[0]
-        return (self._active or self.operator).matvec(rows)
+        op = self._active or self.operator
+        if op is not self.operator:  # a product over part of the examples is not timed
+            return op.matvec(rows)
+        return self._timed("product", rows.shape[0], lambda: op.matvec(rows))
 
     def _first_directions(self, R: Tensor, v_norm: Tensor, tol: float) -> Tensor:
         """P = orth(M·S(R)): the search directions that start (or restart) the recurrence."""
@@ -524,6 +548,12 @@ class CG(Solver):
         bar.close()
         ratio = max_ratio(R, V) if V.numel() else 0.0
         return X, R, iterations, ratio
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _check_curvature(PtQ: Tensor, iteration: int, damping: float) -> None:
