@@ -328,7 +328,7 @@ def main() -> None:
     out = Path(args.out)
     if args.problem != problem_module.DEFAULT:
         out = out / args.problem
-    settings = problem_module.spec(args.problem).settings
+    settings = problem_module.built_settings(problem_path)  # the damping it was built with
     python = sys.executable
     floors = _floors(python, problem_path, args.threads)
     floor = floors["per-example gradients, one pass"]

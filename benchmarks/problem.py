@@ -24,6 +24,9 @@ polish cap are in their settings):
 
 Reference: I_up,loss (100 × n) from the float64 model, block CG preconditioned by EK-FAC to
 relative residual 1e-10 (the residual is measured, not the recurrence's estimate).
+Where CG meets negative curvature at the problem's damping (a network the polish left away
+from its minimum: the Adam phase runs in float32, so the weights differ between CPUs), the
+damping is raised threefold until it does not, and the cache records the damping used.
 
 Only torch and scikit-learn are needed to *load* a problem (peer environments import this file
 too); building one uses influencekit.
@@ -224,18 +227,35 @@ def train_model(X_train: Tensor, y_train: Tensor, seed: int = 0,
                    "polish_iterations": report.iterations, "seed": seed}
 
 
-def _reference(model64: nn.Module, data: Data, damping: float, num_test: int) -> Tensor:
+#: how far a problem's damping is raised, in factors of 3, where its Hessian + damping is
+#: indefinite (a network the polish left away from its minimum; the trained weights differ
+#: between CPUs because Adam runs in float32)
+MAX_DAMPING_RAISES = 6
+
+
+def _reference(model64: nn.Module, data: Data, damping: float, num_test: int
+               ) -> tuple[float, Tensor]:
+    """The float64 reference I_up,loss at ``damping``, or at the least of damping × 3^j
+    (j ≤ ``MAX_DAMPING_RAISES``) at which CG meets no negative curvature; returns that damping
+    and the scores."""
     import influencekit as ik
 
     X_train, y_train, X_test, y_test = data
-    inf = ik.Influence(model64, ik.CrossEntropyObjective(), (X_train, y_train),
-                       solver=ik.CG(tol=1e-10, max_iter=5000, preconditioner="ekfac"),
-                       damping=damping).fit()
-    scores = inf.influence((X_test[:num_test], y_test[:num_test]))
-    report = inf.last_solve_report
-    if not report.relative_residual <= 1e-9:
-        raise RuntimeError(f"reference solve reached only {report.relative_residual:.2e}")
-    return scores
+    for _ in range(MAX_DAMPING_RAISES + 1):
+        inf = ik.Influence(model64, ik.CrossEntropyObjective(), (X_train, y_train),
+                           solver=ik.CG(tol=1e-10, max_iter=5000, preconditioner="ekfac"),
+                           damping=damping).fit()
+        try:
+            scores = inf.influence((X_test[:num_test], y_test[:num_test]))
+        except ik.IndefiniteHessianError:
+            damping = float(f"{3 * damping:.2g}")
+            continue
+        report = inf.last_solve_report
+        if not report.relative_residual <= 1e-9:
+            raise RuntimeError(f"reference solve reached only {report.relative_residual:.2e}")
+        return damping, scores
+    raise RuntimeError(f"the Hessian + damping stayed indefinite up to damping {damping:g}; "
+                       "the model is far from a minimum: polish it longer")
 
 
 def cache_path(folder: Path, seed: int = 0, name: str = DEFAULT) -> Path:
@@ -262,11 +282,13 @@ def prepare(folder: Path, seed: int = 0, name: str = DEFAULT) -> Path:
                                     recipe.build_model, recipe.epochs)
     training["training_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    reference = _reference(model64, data, recipe.settings["damping"],
-                           recipe.settings["num_test"])
+    damping, reference = _reference(model64, data, recipe.settings["damping"],
+                                    recipe.settings["num_test"])
     training["reference_seconds"] = time.perf_counter() - start
+    training["damping"] = damping
     atomic_save({"name": name, "state64": model64.state_dict(), "reference": reference,
-                 "training": training, "settings": recipe.settings}, path)
+                 "training": training, "settings": {**recipe.settings, "damping": damping}},
+                path)
     return path
 
 
@@ -281,7 +303,12 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> Problem:
     X_train, y_train, X_test, y_test = recipe.data()
     m = recipe.settings["num_test"]
     return Problem(model, X_train.to(dtype), y_train, X_test[:m].to(dtype), y_test[:m],
-                   recipe.settings["damping"], payload["reference"], name)
+                   payload["settings"]["damping"], payload["reference"], name)
+
+
+def built_settings(path: Path) -> dict:
+    """The settings a cached problem was built with (its damping may be raised, ``_reference``)."""
+    return torch.load(path, weights_only=True)["settings"]
 
 
 def training_info(path: Path) -> dict:

@@ -24,15 +24,15 @@ per column after p iterations. Here r is the largest relative residual ‖r_i‖
 right-hand sides. Deflation is built when N ≥ ``MIN_REMAINING`` and the time it is expected to
 save exceeds its Lanczos run's:
 
-    SAVING · N · w · (t_v + t_M)  >  L · (t_v · (m / n) · LANCZOS_BLOCK_COST + 2 t_M) · c
+    SAVING · N · w · (t_v + t_M)  >  L · (t_v · (m / n) · LANCZOS_BLOCK_COST + t_M) · c
 
 (w: the block width, products per iteration; L = min(2·``RANK``, p) Lanczos products on the m
 heaviest of n training examples, those that carry ``SUBSET_MASS`` of the curvature weight, each
-between two applications of EK-FAC's square root; c = ``REORTHOGONALISATION``, the run's own
-work on top of those). CG then switches to EK-FAC deflated at
-``RANK`` Ritz pairs and restarts from its current solution: the residual reached is kept, only
-the Krylov space is rebuilt. After the first iteration that restart is cheap: on the benchmark
-MLP 7 iterations and 644 products, against 7 and 603 deflated before the first iteration.
+followed by one application of EK-FAC (``spectrum.preconditioned_krylov_eigenpairs``); c =
+``REORTHOGONALISATION``, the run's own work on top of those). CG then switches to EK-FAC
+deflated at ``RANK`` Ritz pairs and restarts from its current solution: the residual reached is
+kept, only the Krylov space is rebuilt. After the first iteration that restart is cheap: on the
+benchmark MLP 7 iterations and 644 products, against 7 and 603 deflated before the first iteration.
 
 The costs are measured once (by process 0 under torch.distributed), kept with the fit and reused
 by every later solve, and the deflation is built once (seeded); each solve starts from EK-FAC and
@@ -127,9 +127,9 @@ def plan_deflation(remaining: float, width: int, subset: int, num_train: int, di
 
 
 def lanczos_seconds(subset: int, num_train: int, dim: int, costs: StepCosts) -> float:
-    """The deflation's Lanczos run in seconds: L · (t_v · (m / n) · LANCZOS_BLOCK_COST + 2 t_M)
+    """The deflation's Lanczos run in seconds: L · (t_v · (m / n) · LANCZOS_BLOCK_COST + t_M)
     · REORTHOGONALISATION with L = min(2·RANK, p) (module docstring)."""
     products = min(2 * RANK, dim)
     per_product = (costs.product * (subset / max(num_train, 1)) * LANCZOS_BLOCK_COST
-                   + 2 * costs.apply)
+                   + costs.apply)
     return products * per_product * REORTHOGONALISATION

@@ -14,18 +14,21 @@ less helpful, never wrong. On the benchmark MLP, B's spectrum runs from 0.026 to
 EK-FAC; deflating 20 pairs at each end leaves [0.27, 4.9].
 
 The cost is ``iterations`` products with A in blocks of ``block`` vectors — cheap next to a CG
-iteration over many right-hand sides — plus the base's. With ``subset=m`` the Lanczos run uses
-A_S, the damped curvature summed over the m training examples that contribute the most
-(``HessianOperator.curvature_weights``), each product costing m/n of A's: on a trained classifier
-most examples are fitted confidently and add almost nothing to the Hessian (on the benchmark MLP
-the 300 of 1,257 with the largest weights carry 91% of the total weight). There the run gets
-four times cheaper and preconditions as well: block CG (tol 2e-4) needs 596 Hessian-vector
-products after a Lanczos run on 300 examples, 593 after one on all 1,257.
+iteration over many right-hand sides — plus one application of M per vector: the run carries the
+Krylov basis of B as M^½U and M^-½U (``spectrum.preconditioned_krylov_eigenpairs``), so it never
+applies M's square root, and its Ritz vectors come out as Z = M^½U directly.
+
+With ``subset=m`` the Lanczos run uses A_S, the damped curvature summed over the m training
+examples that contribute the most (``HessianOperator.curvature_weights``), each product costing m/n
+of A's: on a trained classifier most examples are fitted confidently and add almost nothing to the
+Hessian (on the benchmark MLP the 300 of 1,257 with the largest weights carry 91% of the total
+weight). There the run gets four times cheaper and preconditions as well: block CG (tol 2e-4) needs
+596 Hessian-vector products after a Lanczos run on 300 examples, 593 after one on all 1,257.
 
 B's eigenvalues are positive exactly when A is positive definite. A Ritz value at or below
 round-off level therefore means A is indefinite (or singular) and is refused with the damping
-that would clear it, rather than dropped; a base whose square root is not finite (a singular
-K-FAC without damping) is refused too.
+that would clear it, rather than dropped; a base whose output is not finite (a singular K-FAC
+without damping) is refused too.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import Tensor
 from .. import arguments
 from ..curvature import HessianOperator
 from ..errors import IndefiniteHessianError, InputTypeError, InvalidSettingError
-from ..spectrum import krylov_eigenpairs
+from ..spectrum import preconditioned_krylov_eigenpairs
 from .base import ApproximateInverse, Solver, prefixed, unprefixed
 
 
@@ -111,7 +114,6 @@ class Deflated(ApproximateInverse):
         operator = base.operator
         super().prepare(operator)
         self._base = base
-        root = base.apply_inverse_sqrt
         krylov_operator = operator
         self.subset_size_ = operator.num_train
         if self.subset is not None or self.subset_mass is not None:
@@ -126,21 +128,19 @@ class Deflated(ApproximateInverse):
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(min(self.block, self.iterations), operator.dim, generator=generator,
                             dtype=torch.float64)
-        theta, vectors = krylov_eigenpairs(lambda V: root(krylov_operator.matvec(root(V))),
-                                           start.to(operator.device, operator.dtype),
-                                           min(self.iterations, operator.dim),
-                                           progress=self.progress)
-        if not (bool(torch.isfinite(theta).all()) and bool(torch.isfinite(vectors).all())):
+        theta, directions = preconditioned_krylov_eigenpairs(
+            krylov_operator.matvec, base.apply_inverse, start.to(operator.device, operator.dtype),
+            min(self.iterations, operator.dim), progress=self.progress)
+        if not (bool(torch.isfinite(theta).all()) and bool(torch.isfinite(directions).all())):
             raise IndefiniteHessianError(
-                f"Deflated: the base {base.name}'s square root produced NaN/inf, so its "
-                f"inverse is singular. Raise damping (now {operator.damping:g}) or add weight "
-                "decay.")
+                f"Deflated: the base {base.name} produced NaN/inf, so its inverse is singular. "
+                f"Raise damping (now {operator.damping:g}) or add weight decay.")
         self._check_positive(theta)
         worst = torch.argsort(theta.log().abs(), descending=True)[: self.rank]
         self.ritz_values_ = theta.to(operator.dtype)
         self._theta = theta[worst].to(operator.dtype)
         # M^½ [I + U D Uᵀ] M^½ = M + Z D Zᵀ with Z = M^½ U: one base solve and two thin products
-        self._Z = root(vectors[worst])
+        self._Z = directions[worst]
         self._D = 1.0 / self._theta - 1.0
         return self
 
