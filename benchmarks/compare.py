@@ -38,6 +38,7 @@ FAMILIES: dict[str, list[str]] = {
                    *(f"influencekit-cg-deflated-tol-{tol:g}" for tol in matched.OURS_TOLS),
                    "influencekit-cg-deflated-full-width",
                    "influencekit-cg-deflated-independent", "influencekit-cg-ekfac",
+                   *(f"influencekit-cg-plain-tol-{tol:g}" for tol in (2e-4, *matched.OURS_TOLS)),
                    "influencekit-cg-auto",
                    *(f"influencekit-cg-auto-tol-{tol:g}" for tol in matched.OURS_TOLS),
                    "influencekit-cg-auto-negligible",

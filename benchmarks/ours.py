@@ -102,8 +102,11 @@ METHODS: dict[str, Callable[[Problem], Tensor]] = {
     "influencekit-cg-deflated-independent": _cg(preconditioner=_deflated(80, 160), tol=1e-4,
                                                 block=False),
     "influencekit-cg-ekfac": _cg(preconditioner="ekfac", tol=2e-4),
-    # the preconditioner chosen during the solve (EK-FAC, deflated only where it pays), the
-    # lightest examples (together tol/10 of the curvature weight) left out until the last check
+    # no preconditioner: block CG's many right-hand sides find the outlying curvature themselves
+    **{f"influencekit-cg-plain-tol-{tol:g}": _cg(preconditioner=None, tol=tol)
+       for tol in (2e-4, *matched.OURS_TOLS)},
+    # the preconditioner chosen during the solve (none, EK-FAC where plain CG is slow, deflated
+    # only where it pays)
     "influencekit-cg-auto": _cg(preconditioner="auto", tol=2e-4),
     **{f"influencekit-cg-auto-tol-{tol:g}": _cg(preconditioner="auto", tol=tol)
        for tol in matched.OURS_TOLS},
@@ -152,9 +155,13 @@ SETTINGS: dict[str, dict] = {
                                               + "; tol 3e-4"},
     "influencekit-cg-ekfac": {"solver": "block CG on the Hessian, EK-FAC preconditioner, "
                                         "tol 2e-4"},
+    **{f"influencekit-cg-plain-tol-{tol:g}": {"solver": f"block CG on the Hessian (truncate "
+                                                      f"0.3), no preconditioner, tol {tol:g}"}
+       for tol in (2e-4, *matched.OURS_TOLS)},
     "influencekit-cg-auto": {"solver": "block CG on the Hessian (truncate 0.3), "
-                                       "preconditioner='auto': EK-FAC, deflated at 80 Ritz pairs "
-                                       "where the measured costs say it pays "
+                                       "preconditioner='auto': none, EK-FAC where plain CG "
+                                       "projects a long solve, deflated at 80 Ritz pairs where "
+                                       "the measured costs say it pays "
                                        "(influencekit.solvers.adaptive); every example in every "
                                        "product (negligible=0, the default); tol 2e-4"},
     **{f"influencekit-cg-auto-tol-{tol:g}": {"solver": f"as influencekit-cg-auto, tol {tol:g}"}

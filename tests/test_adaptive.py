@@ -1,5 +1,6 @@
-"""CG's preconditioner="auto": EK-FAC, deflated mid-solve only where the measured convergence
-and the measured costs say it pays; exact either way."""
+"""CG's preconditioner="auto": plain CG, EK-FAC where plain CG projects a long solve, deflated
+mid-solve only where the measured convergence and the measured costs say it pays; exact either
+way."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def fixed_costs(monkeypatch: pytest.MonkeyPatch):
     return use
 
 
-def _solve(problem: Problem, damping: float, preconditioner: str, block: bool,
+def _solve(problem: Problem, damping: float, preconditioner: str | None, block: bool,
            k: int = 60) -> tuple[ik.CG, torch.Tensor, torch.Tensor]:
     op = make_operator(problem, damping=damping)
     V = torch.randn(k, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -104,16 +105,21 @@ def test_the_lanczos_subset_is_the_fewest_heaviest_examples_carrying_the_mass() 
 @pytest.mark.parametrize("block", [True, False])
 def test_auto_deflates_a_slow_solve_and_stays_exact(wide_mlp: Problem, block: bool,
                                                      fixed_costs) -> None:
-    """With 60 independent recurrences EK-FAC alone needs 71 iterations at damping 1e-4; the
-    measured convergence triggers the deflation, which cuts them, and the answer still equals
-    the dense float64 solve."""
+    """With 60 independent recurrences plain CG needs 79 iterations and EK-FAC alone 71 at
+    damping 1e-4; plain CG's first iteration projects far more than PLAIN_AT_MOST, so auto
+    moves to EK-FAC, whose measured convergence then triggers the deflation, which cuts them;
+    the answer still equals the dense float64 solve."""
     fixed_costs(product=1.0, apply=0.0)
     auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=block)
     assert relative_error(X, expected) < 1e-8
     if not block:
         ekfac, _, _ = _solve(wide_mlp, 1e-4, "ekfac", block=False)
+        plain, _, _ = _solve(wide_mlp, 1e-4, None, block=False)
         assert auto.deflation_ is not None
         report = auto.last_report
+        assert report.details["plain_projected"] > adaptive.PLAIN_AT_MOST
+        assert report.details["ekfac_after_iteration"] == adaptive.DECIDE_FROM
+        assert report.iterations < plain.last_report.iterations
         assert report.details["deflated_after_iteration"] >= adaptive.DECIDE_FROM
         assert report.details["deflated_rank"] == adaptive.RANK
         assert any("deflated at 80 Ritz pairs" in note for note in report.notes)
@@ -126,7 +132,8 @@ def test_the_costs_are_measured_once_and_kept(wide_mlp: Problem) -> None:
     a second solve of the same right-hand sides takes the same path, whatever it decided."""
     op = make_operator(wide_mlp, damping=1e-4)
     V = torch.randn(60, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    solver = ik.CG(tol=1e-10, preconditioner="auto").prepare(op)
+    # independent recurrences: plain CG projects a long solve, so EK-FAC is applied (and timed)
+    solver = ik.CG(tol=1e-10, preconditioner="auto", block=False).prepare(op)
     first = solver.solve(V)
     costs = solver.fitted_state()[1]["auto_costs"]
     assert costs["product"] > 0 and costs["apply"] > 0
@@ -137,18 +144,19 @@ def test_the_costs_are_measured_once_and_kept(wide_mlp: Problem) -> None:
     assert relative_error(first, expected) < 1e-8
 
 
-def test_auto_keeps_ekfac_alone_where_it_converges_fast(wide_mlp: Problem,
-                                                         fixed_costs) -> None:
-    """Block CG on 60 columns of a 163-parameter model ends in 3 iterations under EK-FAC: where
-    an EK-FAC application costs as much as a product, no Lanczos run is paid, and the solve is
-    EK-FAC-preconditioned CG to the bit."""
-    fixed_costs(product=1.0, apply=1.0)
+def test_auto_stays_plain_where_plain_cg_converges_fast(wide_mlp: Problem) -> None:
+    """Block CG on 60 columns of a 163-parameter model ends in 3 iterations without a
+    preconditioner (its first iteration projects 2 more): auto never fits its way into EK-FAC or
+    a Lanczos run there, and the solve is plain block CG to the bit."""
     auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=True)
-    _, X_ekfac, _ = _solve(wide_mlp, 1e-4, "ekfac", block=True)
+    _, X_plain, _ = _solve(wide_mlp, 1e-4, None, block=True)
+    details = auto.last_report.details
     assert auto.deflation_ is None
-    assert math.isnan(auto.last_report.details["deflated_after_iteration"])
-    assert any("EK-FAC alone" in note for note in auto.last_report.notes)
-    assert torch.equal(X, X_ekfac)
+    assert details["plain_projected"] <= adaptive.PLAIN_AT_MOST
+    assert math.isnan(details["ekfac_after_iteration"])
+    assert math.isnan(details["deflated_after_iteration"])
+    assert any("none (plain CG throughout" in note for note in auto.last_report.notes)
+    assert torch.equal(X, X_plain)
     assert relative_error(X, expected) < 1e-8
 
 

@@ -1,17 +1,24 @@
-"""CG's ``preconditioner="auto"``: EK-FAC first, deflated only where the solve shows it pays.
+"""CG's ``preconditioner="auto"``: no preconditioner, EK-FAC, or EK-FAC deflated, chosen from
+the solve itself.
 
-A deflated EK-FAC preconditioner (:class:`~influencekit.solvers.Deflated`) cuts CG's iterations
-where EK-FAC leaves a wide spectrum, but its Lanczos run costs products and preconditioner
-applications of its own, and where EK-FAC alone converges in a few iterations that run costs more
-than it saves. On the benchmark problems (``benchmarks/compare_problems.py``) EK-FAC alone needed
-3, 11 and 46 block CG iterations where EK-FAC deflated at 80 Ritz pairs needed 2, 7 and 13: the
-same preconditioner can be right on one model and wasteful on another. So the choice is made from
-the solve itself, in seconds measured on the machine it runs on.
+Block CG over many right-hand sides builds a Krylov space of (right-hand sides × iterations)
+dimensions, and that space finds a Hessian's outlying eigenvalues by itself: on three of the
+four benchmark problems (``benchmarks/compare_problems.py``, damping 1e-3 on the mean loss) plain
+block CG converged in fewer products than with EK-FAC (digits MLP 562 against 683–755, CNN 486
+against 651, GELU MLP 209 against 211), and an EK-FAC application costs about a sixth of a
+product on top. Where plain CG is slow, EK-FAC helps, and a deflated EK-FAC
+(:class:`~influencekit.solvers.Deflated`) cuts CG's iterations further where EK-FAC leaves a
+wide spectrum, but its Lanczos run costs products and preconditioner applications of its own.
+So every solve starts plain and changes course only on what it measures:
 
-Block CG starts with EK-FAC. Its first iteration measures what an iteration costs: t_v, the
-seconds per Hessian-vector product in CG's blocks, and t_M, the seconds per vector of one
-EK-FAC application. From iteration j = ``DECIDE_FROM`` = 1 on, while this solve still runs on
-EK-FAC alone, the last contraction projects the iterations still needed:
+1. Plain block CG. After its first iteration the contraction projects the iterations still
+   needed (below); if that is more than ``PLAIN_AT_MOST``, CG switches to EK-FAC and restarts
+   from its current solution (the residual reached is kept, only the Krylov space is rebuilt).
+   Plain CG projected 2 to 3 on the three problems where it was fastest.
+2. On EK-FAC, what an iteration costs is measured: t_v, the seconds per Hessian-vector product
+   in CG's blocks, and t_M, the seconds per vector of one EK-FAC application. From iteration j =
+   ``DECIDE_FROM`` = 1 on, while this solve runs on EK-FAC alone (j counted from the switch),
+   the last contraction projects the iterations still needed:
 
     ρ = r_j / r_(j−1)                  the last iteration's contraction (r_0 = 1 from X = 0)
     N = ⌈log(tol / r_j) / log ρ⌉        iterations left at that rate (∞ if ρ ≥ 1),
@@ -35,7 +42,7 @@ kept, only the Krylov space is rebuilt. After the first iteration that restart i
 benchmark MLP 7 iterations and 644 products, against 7 and 603 deflated before the first iteration.
 
 The costs are measured once (by process 0 under torch.distributed), kept with the fit and reused
-by every later solve, and the deflation is built once (seeded); each solve starts from EK-FAC and
+by every later solve, and the deflation is built once (seeded); each solve starts plain and
 decides from its own convergence, so the same right-hand sides always take the same path.
 """
 
@@ -45,6 +52,10 @@ import math
 from dataclasses import dataclass
 
 DECIDE_FROM = 1
+# plain block CG is kept where its first iteration projects at most this many more (the
+# projection discounted as below); it projected 2-3 on the three benchmark problems where it
+# was fastest
+PLAIN_AT_MOST = 4
 # block CG accelerates: the first contraction's projection, divided by this, is the estimate
 # (measured 2.9x on the GELU MLP, 3.1x on the benchmark MLP)
 FIRST_CONTRACTION_OVERSTATES = 3.0

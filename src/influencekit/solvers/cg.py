@@ -25,11 +25,12 @@ Two variants, both forming the products A·P of a whole block in one batched pas
 - ``block=False``: one classic CG recurrence per right-hand side, batched.
 
 M is an optional preconditioner (another prepared solver whose ``solve`` approximates A⁻¹, e.g.
-``"ekfac"``). ``"auto"`` uses EK-FAC, deflated (:class:`~.deflated.Deflated`) where that pays
-by the rule of :mod:`.adaptive`: from the first iteration on, once the measured convergence
-projects that deflation saves more time than its Lanczos run costs, both timed on this machine
-(CG then restarts from its current solution). The deflation is built once; every solve decides
-anew whether to use it.
+``"ekfac"``). ``"auto"`` decides by the rule of :mod:`.adaptive`: it starts without a
+preconditioner, moves to EK-FAC where plain CG's first iteration projects a long solve, and from
+EK-FAC to a deflated EK-FAC (:class:`~.deflated.Deflated`) once the measured convergence projects
+that deflation saves more time than its Lanczos run costs, both timed on this machine (CG
+restarts from its current solution at each change). The deflation is built once; every solve
+decides anew which path to take.
 
 With ``negligible=ε`` > 0 the solve runs in two phases. Most training examples of a trained
 classifier are fitted confidently and add almost nothing to the curvature (on the benchmark GELU
@@ -68,6 +69,7 @@ from ..linalg import orthonormal_columns
 from .adaptive import (
     DECIDE_FROM,
     MIN_REMAINING,
+    PLAIN_AT_MOST,
     SUBSET_MASS,
     DeflationPlan,
     StepCosts,
@@ -103,8 +105,9 @@ class CG(Solver):
         block: share one Krylov space across the right-hand sides (see the module docstring).
         preconditioner: ``None``, a solver name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``) or a
             solver object; it is prepared on the same operator and its ``solve`` is used as M.
-            ``"auto"``: EK-FAC, deflated where the rule of :mod:`.adaptive` says it pays
-            (module docstring); the report's notes say what was chosen and why.
+            ``"auto"``: none, EK-FAC or a deflated EK-FAC, as the rule of :mod:`.adaptive`
+            decides during the solve (module docstring); the report's notes say what was
+            chosen and why.
         verify: recompute the true residual ‖A·X − V‖ at the end (one more batched product);
             ``converged`` is judged on it. ``False`` reports it as NaN and ``converged=None``
             (the recurrence's estimate stays in ``details``).
@@ -138,6 +141,9 @@ class CG(Solver):
         self.deflation_: DeflationPlan | None = None  # "auto": the deflation built, if any
         self._deflated: Deflated | None = None  # ... built once, reused by later solves
         self._deflated_at: int | None = None  # after which iteration this solve switched to it
+        self._stage = "plain"  # "auto" in this solve: plain, plain kept, EK-FAC or deflated
+        self._ekfac_from: int | None = None  # after which iteration it switched to EK-FAC
+        self._plain_projected = math.nan  # the iterations plain CG projected after its first
         self._projected = 0.0  # the iterations projected when it switched
         self._weights: Tensor | None = None  # the operator's curvature weights, computed once
         self._precondition: Callable[[Tensor], Tensor] | None = None
@@ -198,8 +204,9 @@ class CG(Solver):
         solve = self._block_cg if self.block else self._independent_cg
         self._products = 0
         self._deflated_at = None
-        if self.preconditioner == AUTO:  # every solve starts from EK-FAC and decides anew
-            self._precondition = self._inner.apply_inverse
+        if self.preconditioner == AUTO:  # every solve starts plain and decides anew
+            self._precondition, self._stage, self._ekfac_from = None, "plain", None
+            self._plain_projected = math.nan
         split = self._split_operator()
         self._active = self.operator if split is None else split[0]
         try:
@@ -339,18 +346,35 @@ class CG(Solver):
 
     def _adapt(self, previous: float, ratio: float, iterations: int, tol: float,
                width: int) -> bool:
-        """With ``preconditioner="auto"``, while this solve runs on EK-FAC alone: switch to the
-        deflated preconditioner if the rule of :mod:`.adaptive` says it pays (building it the
-        first time); whether the preconditioner changed. The switch depends only on this
+        """With ``preconditioner="auto"``: after plain CG's first iteration, switch to EK-FAC
+        if plain CG projects more than ``PLAIN_AT_MOST`` iterations still to go; while on
+        EK-FAC alone, switch to the deflated preconditioner if the rule of :mod:`.adaptive`
+        says it pays (building it the first time). Returns whether the preconditioner changed
+        (CG then restarts from its current solution). The switches depend only on this
         solve's own convergence and the costs measured once, so the same right-hand sides
         always take the same path."""
-        if (self.preconditioner != AUTO or self._deflated_at is not None
-                or iterations < DECIDE_FROM):
+        if self.preconditioner != AUTO or self._stage not in ("plain", "ekfac"):
             return False
         op, active = self.operator, self._active or self.operator
         most = (math.ceil(max(op.dim - self._products, 0) / max(width, 1)) if self.block
                 else op.dim - iterations)  # block CG's space spans all p; each column's does
-        remaining = remaining_iterations(previous, ratio, tol, iterations)
+        if self._stage == "plain":
+            if iterations < DECIDE_FROM:
+                return False
+            self._plain_projected = min(remaining_iterations(previous, ratio, tol, iterations),
+                                        most)
+            if self._plain_projected <= PLAIN_AT_MOST:
+                self._stage = "plain kept"
+                return False
+            self._stage, self._ekfac_from = "ekfac", iterations
+            self._precondition = self._inner.apply_inverse
+            logger.info("CG auto: EK-FAC after iteration %d (plain CG projected %g more).",
+                        iterations, self._plain_projected)
+            return True
+        since = iterations - (self._ekfac_from or 0)  # iterations on EK-FAC
+        if since < DECIDE_FROM:
+            return False
+        remaining = remaining_iterations(previous, ratio, tol, since)
         costs = self._step_costs()
         if min(remaining, most) < MIN_REMAINING or costs is None:
             return False  # decided without the pass over the data for the weights
@@ -385,6 +409,7 @@ class CG(Solver):
                         plan.iterations, plan.subset, iterations, plan.projected)
         self._precondition = self._deflated.apply_inverse
         self._deflated_at, self._projected = iterations, plan.projected
+        self._stage = "deflated"
 
     def _deflation(self, plan: DeflationPlan) -> Deflated:
         deflated = Deflated(base="ekfac", rank=plan.rank, iterations=plan.iterations,
@@ -394,7 +419,10 @@ class CG(Solver):
 
     def _auto_details(self) -> dict[str, float]:
         plan = self.deflation_ if self._deflated_at is not None else None
-        return {"deflated_rank": float(plan.rank if plan else 0),
+        return {"plain_projected": self._plain_projected,
+                "ekfac_after_iteration": float("nan") if self._ekfac_from is None
+                else float(self._ekfac_from),
+                "deflated_rank": float(plan.rank if plan else 0),
                 "deflated_after_iteration": float("nan") if self._deflated_at is None
                 else float(self._deflated_at),
                 "lanczos_subset": float(plan.subset if plan else 0)}
@@ -403,16 +431,21 @@ class CG(Solver):
         costs = "" if self._costs is None else (
             f"; measured {1e3 * self._costs.product:.3g} ms per product, "
             f"{1e3 * self._costs.apply:.3g} ms per EK-FAC application")
+        if self._ekfac_from is None:
+            projected = ("" if math.isnan(self._plain_projected) else
+                         f": after its first iteration it projected {self._plain_projected:g} "
+                         f"more, at most {PLAIN_AT_MOST}")
+            return "auto preconditioner: none (plain CG throughout" + projected + ")"
+        start = (f"auto preconditioner: none for {self._ekfac_from} iteration(s) (plain CG "
+                 f"projected {self._plain_projected:g} more, above {PLAIN_AT_MOST}), then EK-FAC")
         if self._deflated_at is None:
-            return ("auto preconditioner: EK-FAC alone (the measured convergence never "
-                    "projected a deflation to save more time than its Lanczos run costs"
-                    + costs + ")")
+            return (start + " alone (the measured convergence never projected a deflation to "
+                    "save more time than its Lanczos run costs" + costs + ")")
         plan = self.deflation_
-        return (f"auto preconditioner: EK-FAC, then from iteration {self._deflated_at + 1} "
-                f"EK-FAC deflated at {plan.rank} Ritz pairs (a Lanczos run of {plan.iterations} "
-                f"products on the {plan.subset} training examples carrying "
-                f"{SUBSET_MASS:.0%} of the curvature weight), when {self._projected:g} more "
-                "iterations were projected" + costs)
+        return (start + f", then from iteration {self._deflated_at + 1} EK-FAC deflated at "
+                f"{plan.rank} Ritz pairs (a Lanczos run of {plan.iterations} products on the "
+                f"{plan.subset} training examples carrying {SUBSET_MASS:.0%} of the curvature "
+                f"weight), when {self._projected:g} more iterations were projected" + costs)
 
     # --------------------------------------------------------------- block CG (Ji & Li 2017)
 
