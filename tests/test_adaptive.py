@@ -145,11 +145,11 @@ def test_the_costs_are_measured_once_and_kept(wide_mlp: Problem) -> None:
 
 
 def test_auto_stays_plain_where_plain_cg_converges_fast(wide_mlp: Problem) -> None:
-    """Block CG on 60 columns of a 163-parameter model ends in 3 iterations without a
-    preconditioner (its first iteration projects 2 more): auto never fits its way into EK-FAC or
-    a Lanczos run there, and the solve is plain block CG to the bit."""
-    auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=True)
-    _, X_plain, _ = _solve(wide_mlp, 1e-4, None, block=True)
+    """10 right-hand sides (a narrow block) at damping 10: plain block CG's first iteration
+    projects 3 more, so auto never fits its way into EK-FAC or a Lanczos run, and the solve is
+    plain block CG to the bit."""
+    auto, X, expected = _solve(wide_mlp, 10.0, "auto", block=True, k=10)
+    _, X_plain, _ = _solve(wide_mlp, 10.0, None, block=True, k=10)
     details = auto.last_report.details
     assert auto.deflation_ is None
     assert details["plain_projected"] <= adaptive.PLAIN_AT_MOST
@@ -157,6 +157,20 @@ def test_auto_stays_plain_where_plain_cg_converges_fast(wide_mlp: Problem) -> No
     assert math.isnan(details["deflated_after_iteration"])
     assert any("none (plain CG throughout" in note for note in auto.last_report.notes)
     assert torch.equal(X, X_plain)
+    assert relative_error(X, expected) < 1e-8
+
+
+def test_a_narrow_block_moves_to_ekfac_when_plain_cg_projects_a_long_solve(
+        wide_mlp: Problem, fixed_costs) -> None:
+    """10 right-hand sides at damping 1e-4: plain CG's first iteration projects 16 more, so the
+    solve moves to EK-FAC after that iteration (here EK-FAC alone, 19 iterations as plain CG
+    takes: on this small model it does not help), and the answer is exact."""
+    fixed_costs(product=1.0, apply=0.0)
+    auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=True, k=10)
+    details = auto.last_report.details
+    assert details["plain_projected"] > adaptive.PLAIN_AT_MOST
+    assert details["ekfac_after_iteration"] == adaptive.DECIDE_FROM
+    assert any("then EK-FAC" in note for note in auto.last_report.notes)
     assert relative_error(X, expected) < 1e-8
 
 
@@ -295,3 +309,27 @@ def test_the_curvature_weights_are_computed_once(wide_mlp: Problem, fixed_costs)
         solver.solve(V)
     assert solver.deflation_ is not None
     assert weights.call_count == 1
+
+
+def test_plain_block_cg_counts_as_stalled_only_when_two_iterations_barely_shrink_it() -> None:
+    assert not adaptive.stalled([1.0, 0.95])  # one iteration says nothing yet
+    # the SiLU MLP's first iterations: 1 → 1.02 → 0.73 → 0.33: (0.73 / 1)^½ = 0.85, not stalled
+    assert not adaptive.stalled([1.0, 1.019, 0.7275])
+    assert not adaptive.stalled([1.0, 1.019, 0.7275, 0.3294])
+    # 1 → 0.95 → 0.9: (0.9 / 1)^½ ≈ 0.949 > STALLED
+    assert adaptive.stalled([1.0, 0.95, 0.9])
+    assert adaptive.stalled([0.2, 0.3, 0.19])
+
+
+def test_wide_blocks_stay_plain_and_move_to_ekfac_only_when_plain_cg_stalls(
+        wide_mlp: Problem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """60 right-hand sides (≥ PLAIN_WIDTH) in one block: plain CG throughout, whatever its first
+    contraction; with the stall threshold set below every contraction, the same solve moves to
+    EK-FAC after its second iteration and still equals the dense solve."""
+    auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=True)
+    assert any("over 32 or more right-hand sides throughout" in n for n in auto.last_report.notes)
+    monkeypatch.setattr(adaptive, "STALLED", 0.0)
+    auto, X, expected = _solve(wide_mlp, 1e-4, "auto", block=True)
+    assert auto.last_report.details["ekfac_after_iteration"] == 2
+    assert any("plain block CG stalled" in n for n in auto.last_report.notes)
+    assert relative_error(X, expected) < 1e-8

@@ -2,19 +2,23 @@
 the solve itself.
 
 Block CG over many right-hand sides builds a Krylov space of (right-hand sides × iterations)
-dimensions, and that space finds a Hessian's outlying eigenvalues by itself: on three of the
-four benchmark problems (``benchmarks/compare_problems.py``, damping 1e-3 on the mean loss) plain
-block CG converged in fewer products than with EK-FAC (digits MLP 562 against 683–755, CNN 486
-against 651, GELU MLP 209 against 211), and an EK-FAC application costs about a sixth of a
-product on top. Where plain CG is slow, EK-FAC helps, and a deflated EK-FAC
-(:class:`~influencekit.solvers.Deflated`) cuts CG's iterations further where EK-FAC leaves a
-wide spectrum, but its Lanczos run costs products and preconditioner applications of its own.
-So every solve starts plain and changes course only on what it measures:
+dimensions, and that space finds a Hessian's outlying eigenvalues by itself: on all four
+benchmark problems (``benchmarks/compare_problems.py``, damping 1e-3 on the mean loss, 100
+right-hand sides) plain block CG converged in fewer products than with EK-FAC (digits MLP 562
+against 683–755, CNN 486 against 651, GELU MLP 209 against 211, SiLU MLP 1,372 against 1,761), and
+an EK-FAC application costs about a sixth of a product on top. Where plain CG is slow, EK-FAC
+helps, and a deflated EK-FAC (:class:`~influencekit.solvers.Deflated`) cuts CG's iterations further
+where EK-FAC leaves a wide spectrum, but its Lanczos run costs products and preconditioner
+applications of its own. So every solve starts plain and changes course only on what it measures:
 
-1. Plain block CG. After its first iteration the contraction projects the iterations still
-   needed (below); if that is more than ``PLAIN_AT_MOST``, CG switches to EK-FAC and restarts
-   from its current solution (the residual reached is kept, only the Krylov space is rebuilt).
-   Plain CG projected 2 to 3 on the three problems where it was fastest.
+1. Plain CG. Over ``PLAIN_WIDTH`` or more right-hand sides block CG stays plain unless it
+   stalls (:func:`stalled`): its first iterations' contraction says little there (on the SiLU MLP
+   the largest relative residual rose to 1.02 in the first iteration, then plain CG finished in
+   14 iterations and 1,372 products where the path through EK-FAC and its deflation took 19 and
+   1,761). With fewer right-hand sides, or independent recurrences, after the first iteration
+   the contraction projects the iterations still needed (below); if that is more than
+   ``PLAIN_AT_MOST``, CG switches to EK-FAC. A switch restarts from the current solution (the
+   residual reached is kept, only the Krylov space is rebuilt).
 2. On EK-FAC, what an iteration costs is measured: t_v, the seconds per Hessian-vector product
    in CG's blocks, and t_M, the seconds per vector of one EK-FAC application. From iteration j =
    ``DECIDE_FROM`` = 1 on, while this solve runs on EK-FAC alone (j counted from the switch),
@@ -56,6 +60,12 @@ DECIDE_FROM = 1
 # projection discounted as below); it projected 2-3 on the three benchmark problems where it
 # was fastest
 PLAIN_AT_MOST = 4
+# block CG over at least this many right-hand sides stays plain unless it stalls: on all four
+# benchmark problems (100 right-hand sides) plain block CG needed the fewest products
+PLAIN_WIDTH = 32
+# ... it stalls when its residual shrinks by less than this per iteration over two iterations
+# (the slowest two-iteration rate on the four problems was 0.85, from the start on the SiLU MLP)
+STALLED = 0.9
 # block CG accelerates: the first contraction's projection, divided by this, is the estimate
 # (measured 2.9x on the GELU MLP, 3.1x on the benchmark MLP)
 FIRST_CONTRACTION_OVERSTATES = 3.0
@@ -92,6 +102,14 @@ class DeflationPlan:
     subset: int
     projected: float
     upfront: bool = False
+
+
+def stalled(ratios: list[float]) -> bool:
+    """Whether plain block CG stalls: (r_j / r_(j−2))^½ > ``STALLED`` for the last residuals
+    r_(j−2), r_(j−1), r_j (r_0 = 1 from X = 0); ``False`` before two iterations."""
+    if len(ratios) < 3 or not ratios[-3] > 0:
+        return False
+    return (ratios[-1] / ratios[-3]) ** 0.5 > STALLED
 
 
 def projected_iterations(previous: float, current: float, tol: float) -> float:

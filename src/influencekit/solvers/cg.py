@@ -70,11 +70,13 @@ from .adaptive import (
     DECIDE_FROM,
     MIN_REMAINING,
     PLAIN_AT_MOST,
+    PLAIN_WIDTH,
     SUBSET_MASS,
     DeflationPlan,
     StepCosts,
     plan_deflation,
     remaining_iterations,
+    stalled,
 )
 from .base import (
     Solver,
@@ -144,6 +146,8 @@ class CG(Solver):
         self._stage = "plain"  # "auto" in this solve: plain, plain kept, EK-FAC or deflated
         self._ekfac_from: int | None = None  # after which iteration it switched to EK-FAC
         self._plain_projected = math.nan  # the iterations plain CG projected after its first
+        self._ratios: list[float] = []  # plain CG's residuals so far (r_0 = 1)
+        self._wide = False  # block CG over PLAIN_WIDTH or more right-hand sides
         self._projected = 0.0  # the iterations projected when it switched
         self._weights: Tensor | None = None  # the operator's curvature weights, computed once
         self._precondition: Callable[[Tensor], Tensor] | None = None
@@ -206,7 +210,8 @@ class CG(Solver):
         self._deflated_at = None
         if self.preconditioner == AUTO:  # every solve starts plain and decides anew
             self._precondition, self._stage, self._ekfac_from = None, "plain", None
-            self._plain_projected = math.nan
+            self._plain_projected, self._ratios = math.nan, [1.0]
+            self._wide = self.block and V.shape[0] >= PLAIN_WIDTH
         split = self._split_operator()
         self._active = self.operator if split is None else split[0]
         try:
@@ -346,8 +351,9 @@ class CG(Solver):
 
     def _adapt(self, previous: float, ratio: float, iterations: int, tol: float,
                width: int) -> bool:
-        """With ``preconditioner="auto"``: after plain CG's first iteration, switch to EK-FAC
-        if plain CG projects more than ``PLAIN_AT_MOST`` iterations still to go; while on
+        """With ``preconditioner="auto"``: switch from plain CG to EK-FAC where block CG over
+        ``PLAIN_WIDTH`` or more right-hand sides stalls, or else where plain CG's first
+        iteration projects more than ``PLAIN_AT_MOST`` iterations still to go; while on
         EK-FAC alone, switch to the deflated preconditioner if the rule of :mod:`.adaptive`
         says it pays (building it the first time). Returns whether the preconditioner changed
         (CG then restarts from its current solution). The switches depend only on this
@@ -361,15 +367,20 @@ class CG(Solver):
         if self._stage == "plain":
             if iterations < DECIDE_FROM:
                 return False
-            self._plain_projected = min(remaining_iterations(previous, ratio, tol, iterations),
-                                        most)
-            if self._plain_projected <= PLAIN_AT_MOST:
-                self._stage = "plain kept"
-                return False
+            self._ratios.append(ratio)
+            if self._wide:  # many right-hand sides: plain unless it stalls
+                if not stalled(self._ratios):
+                    return False
+            else:
+                self._plain_projected = min(remaining_iterations(previous, ratio, tol,
+                                                                 iterations), most)
+                if self._plain_projected <= PLAIN_AT_MOST:
+                    self._stage = "plain kept"
+                    return False
             self._stage, self._ekfac_from = "ekfac", iterations
             self._precondition = self._inner.apply_inverse
-            logger.info("CG auto: EK-FAC after iteration %d (plain CG projected %g more).",
-                        iterations, self._plain_projected)
+            logger.info("CG auto: EK-FAC after iteration %d (plain CG %s).", iterations,
+                        "stalled" if self._wide else f"projected {self._plain_projected:g} more")
             return True
         since = iterations - (self._ekfac_from or 0)  # iterations on EK-FAC
         if since < DECIDE_FROM:
@@ -432,12 +443,17 @@ class CG(Solver):
             f"; measured {1e3 * self._costs.product:.3g} ms per product, "
             f"{1e3 * self._costs.apply:.3g} ms per EK-FAC application")
         if self._ekfac_from is None:
+            if self._wide:
+                return (f"auto preconditioner: none (plain block CG over {PLAIN_WIDTH} or more "
+                        "right-hand sides throughout: it never stalled)")
             projected = ("" if math.isnan(self._plain_projected) else
                          f": after its first iteration it projected {self._plain_projected:g} "
                          f"more, at most {PLAIN_AT_MOST}")
             return "auto preconditioner: none (plain CG throughout" + projected + ")"
-        start = (f"auto preconditioner: none for {self._ekfac_from} iteration(s) (plain CG "
-                 f"projected {self._plain_projected:g} more, above {PLAIN_AT_MOST}), then EK-FAC")
+        why = ("plain block CG stalled" if self._wide else
+               f"plain CG projected {self._plain_projected:g} more, above {PLAIN_AT_MOST}")
+        start = (f"auto preconditioner: none for {self._ekfac_from} iteration(s) ({why}), "
+                 "then EK-FAC")
         if self._deflated_at is None:
             return (start + " alone (the measured convergence never projected a deflation to "
                     "save more time than its Lanczos run costs" + costs + ")")
