@@ -333,3 +333,37 @@ def test_wide_blocks_stay_plain_and_move_to_ekfac_only_when_plain_cg_stalls(
     assert auto.last_report.details["ekfac_after_iteration"] == 2
     assert any("plain block CG stalled" in n for n in auto.last_report.notes)
     assert relative_error(X, expected) < 1e-8
+
+
+def test_auto_fits_ekfac_only_when_a_solve_moves_to_it(wide_mlp: Problem, tmp_path,
+                                                       fixed_costs) -> None:
+    """A solve that stays plain fits no EK-FAC, and a fit saved then loads without one; the
+    first solve that moves to EK-FAC fits it there, and is exact."""
+    from unittest import mock
+
+    fixed_costs(product=1.0, apply=0.0)
+    inf = ik.Influence(wide_mlp.model, wide_mlp.objective, wide_mlp.train,
+                       solver=ik.CG(tol=1e-10, preconditioner="auto"), damping=10.0).fit()
+    with mock.patch.object(ik.solvers.EKFAC, "prepare", autospec=True,
+                           side_effect=ik.solvers.EKFAC.prepare) as fits:
+        inf.solver.solve(torch.randn(10, inf.solver.operator.dim, dtype=torch.float64))
+        assert fits.call_count == 0  # damping 10: plain CG converges fast
+        assert "preconditioner" not in inf.solver.fitted_state()[1]
+        inf.save(tmp_path)
+        loaded = ik.Influence.load(tmp_path, wide_mlp.model, wide_mlp.objective,
+                                   wide_mlp.train)
+        op = loaded.solver.operator
+        V = torch.randn(10, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        loaded.solver.solve(V)
+        assert fits.call_count == 0
+        # the same solver on a slow problem: independent recurrences at damping 1e-4
+        slow = ik.CG(tol=1e-10, preconditioner="auto", block=False).prepare(
+            make_operator(wide_mlp, damping=1e-4))
+        assert fits.call_count == 0
+        V = torch.randn(10, slow.operator.dim, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(4))
+        X = slow.solve(V)
+        assert fits.call_count == 1
+    assert "preconditioner" in slow.fitted_state()[1]
+    expected = torch.linalg.solve(wide_mlp.dense_hessian(1e-4), V.T).T
+    assert relative_error(X, expected) < 1e-8

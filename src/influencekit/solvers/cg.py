@@ -152,6 +152,7 @@ class CG(Solver):
         self._weights: Tensor | None = None  # the operator's curvature weights, computed once
         self._precondition: Callable[[Tensor], Tensor] | None = None
         self._inner: Solver | None = None
+        self._inner_fitted = False  # "auto" fits EK-FAC only when a solve moves to it
         self._products = 0  # Hessian-vector products of the last solve
 
     def _base_preconditioner(self) -> str | Solver | None:
@@ -165,13 +166,22 @@ class CG(Solver):
         self._timings: dict[str, float] = {}
         self._precondition, self._inner = None, make_preconditioner(self._base_preconditioner(),
                                                                     "CG")
-        if self._inner is not None:
-            self._inner.progress = self.progress
-            self._precondition = self._inner.prepare(operator).apply_inverse
+        self._inner_fitted = False
+        if self._inner is not None and self.preconditioner != AUTO:  # "auto": fitted if used
+            self._precondition = self._fitted_inner().apply_inverse
         return self
 
+    def _fitted_inner(self) -> Solver:
+        """The preconditioner, prepared on the operator the first time it is needed (with
+        ``"auto"`` only once a solve moves to EK-FAC)."""
+        if not self._inner_fitted:
+            self._inner.progress = self.progress
+            self._inner.prepare(self.operator)
+            self._inner_fitted = True
+        return self._inner
+
     def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
-        tensors, values = preconditioner_state(self._inner)
+        tensors, values = preconditioner_state(self._inner if self._inner_fitted else None)
         if self.preconditioner == AUTO:  # the deflation, if a solve built it
             values["auto_deflation"] = None
             values["auto_costs"] = None if self._costs is None else dataclasses.asdict(self._costs)
@@ -185,9 +195,14 @@ class CG(Solver):
     def restore(self, operator: HessianOperator, tensors: dict[str, Tensor],
                 values: dict) -> CG:
         super().restore(operator, tensors, values)
-        self._inner = restore_preconditioner(self._base_preconditioner(), "CG", operator,
-                                             tensors, values)
-        self._precondition = None if self._inner is None else self._inner.apply_inverse
+        self._inner_fitted = self.preconditioner != AUTO or "preconditioner" in values
+        if self._inner_fitted:
+            self._inner = restore_preconditioner(self._base_preconditioner(), "CG", operator,
+                                                 tensors, values)
+        else:  # "auto" saved before any solve moved to EK-FAC: fitted if a later one does
+            self._inner = make_preconditioner(self._base_preconditioner(), "CG")
+        self._precondition = (None if self._inner is None or self.preconditioner == AUTO
+                              else self._inner.apply_inverse)
         self.deflation_, self._deflated, self._split, self._weights = None, None, None, None
         self._split_refused = False
         costs = values.get("auto_costs") if self.preconditioner == AUTO else None
@@ -378,7 +393,7 @@ class CG(Solver):
                     self._stage = "plain kept"
                     return False
             self._stage, self._ekfac_from = "ekfac", iterations
-            self._precondition = self._inner.apply_inverse
+            self._precondition = self._fitted_inner().apply_inverse
             logger.info("CG auto: EK-FAC after iteration %d (plain CG %s).", iterations,
                         "stalled" if self._wide else f"projected {self._plain_projected:g} more")
             return True
@@ -402,7 +417,7 @@ class CG(Solver):
         op = self.operator
         if self._deflated is None:
             try:
-                self._deflated = self._deflation(plan).deflate(self._inner,
+                self._deflated = self._deflation(plan).deflate(self._fitted_inner(),
                                                                self._curvature_weights())
             except IndefiniteHessianError:
                 if plan.subset >= op.num_train:
@@ -412,7 +427,7 @@ class CG(Solver):
                 logger.info("CG auto: the curvature of the %d heaviest examples is indefinite; "
                             "the Lanczos run uses all %d.", plan.subset, op.num_train)
                 plan = dataclasses.replace(plan, subset=op.num_train)
-                self._deflated = self._deflation(plan).deflate(self._inner,
+                self._deflated = self._deflation(plan).deflate(self._fitted_inner(),
                                                                self._curvature_weights())
             self.deflation_ = plan
             logger.info("CG auto: EK-FAC deflated at %d Ritz pairs (Lanczos %d products on %d "
