@@ -190,8 +190,8 @@ def _normalised(W_y: Tensor, W_g: Tensor, scale: float | None = None) -> tuple[T
     for its Gram matrix K = W_y W_gᵀ = W Wᵀ. Directions whose squared norm falls below 100 ε
     of ``scale`` (the largest squared norm before the projection that made W, so that a block
     the projection emptied is not blown up from its rounding; default: K's largest eigenvalue)
-    are dropped as dependent. One pass loses some orthogonality to K's rounding; callers
-    orthogonalise and normalise twice."""
+    are dropped as dependent. One pass loses some orthogonality to K's rounding, so callers
+    normalise twice."""
     if not W_y.shape[0]:
         return W_y, W_g
     gram = (W_y @ W_g.T).double()

@@ -143,8 +143,7 @@ class CG(Solver):
         self.deflation_: DeflationPlan | None = None  # "auto": the deflation built, if any
         self._deflated: Deflated | None = None  # ... built once, reused by later solves
         self._deflated_at: int | None = None  # after which iteration this solve switched to it
-        self._stage = "plain"  # "auto" in this solve: plain, plain kept, EK-FAC or deflated
-        self._ekfac_from: int | None = None  # after which iteration it switched to EK-FAC
+        self._ekfac_from: int | None = None  # after which iteration this solve moved to EK-FAC
         self._plain_projected = math.nan  # the iterations plain CG projected after its first
         self._ratios: list[float] = []  # plain CG's residuals so far (r_0 = 1)
         self._wide = False  # block CG over PLAIN_WIDTH or more right-hand sides
@@ -224,7 +223,7 @@ class CG(Solver):
         self._products = 0
         self._deflated_at = None
         if self.preconditioner == AUTO:  # every solve starts plain and decides anew
-            self._precondition, self._stage, self._ekfac_from = None, "plain", None
+            self._precondition, self._ekfac_from = None, None
             self._plain_projected, self._ratios = math.nan, [1.0]
             self._wide = self.block and V.shape[0] >= PLAIN_WIDTH
         split = self._split_operator()
@@ -374,30 +373,29 @@ class CG(Solver):
         (CG then restarts from its current solution). The switches depend only on this
         solve's own convergence and the costs measured once, so the same right-hand sides
         always take the same path."""
-        if self.preconditioner != AUTO or self._stage not in ("plain", "ekfac"):
+        if self.preconditioner != AUTO or self._deflated_at is not None:
             return False
         op, active = self.operator, self._active or self.operator
         most = (math.ceil(max(op.dim - self._products, 0) / max(width, 1)) if self.block
                 else op.dim - iterations)  # block CG's space spans all p; each column's does
-        if self._stage == "plain":
-            if iterations < DECIDE_FROM:
-                return False
-            self._ratios.append(ratio)
+        if self._ekfac_from is None:  # still plain
             if self._wide:  # many right-hand sides: plain unless it stalls
-                if not stalled(self._ratios):
+                self._ratios.append(ratio)
+                if iterations < DECIDE_FROM or not stalled(self._ratios):
                     return False
-            else:
+            else:  # decided once, after the first iteration
+                if iterations != DECIDE_FROM:
+                    return False
                 self._plain_projected = min(remaining_iterations(previous, ratio, tol,
                                                                  iterations), most)
                 if self._plain_projected <= PLAIN_AT_MOST:
-                    self._stage = "plain kept"
                     return False
-            self._stage, self._ekfac_from = "ekfac", iterations
+            self._ekfac_from = iterations
             self._precondition = self._fitted_inner().apply_inverse
             logger.info("CG auto: EK-FAC after iteration %d (plain CG %s).", iterations,
                         "stalled" if self._wide else f"projected {self._plain_projected:g} more")
             return True
-        since = iterations - (self._ekfac_from or 0)  # iterations on EK-FAC
+        since = iterations - self._ekfac_from  # iterations on EK-FAC
         if since < DECIDE_FROM:
             return False
         remaining = remaining_iterations(previous, ratio, tol, since)
@@ -435,7 +433,6 @@ class CG(Solver):
                         plan.iterations, plan.subset, iterations, plan.projected)
         self._precondition = self._deflated.apply_inverse
         self._deflated_at, self._projected = iterations, plan.projected
-        self._stage = "deflated"
 
     def _deflation(self, plan: DeflationPlan) -> Deflated:
         deflated = Deflated(base="ekfac", rank=plan.rank, iterations=plan.iterations,
