@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from . import arguments, distributed
+from . import arguments, distributed, heap
 from .data import ExampleSet
 from .errors import OUT_OF_MEMORY, DtypeError, InputTypeError, ShapeMismatchError
 from .gradients import GradientComputer
@@ -182,6 +182,7 @@ class HessianOperator:
             return out.addcmul_(V, shift.expand_as(V) if V.ndim == 2 else shift)
         return out.add_(V, alpha=shift)
 
+    @heap.retaining
     def matvec(self, V: Tensor, shifted: bool = True) -> Tensor:
         """A·v for each row v of ``V`` (``(k, p)`` or ``(p,)``), over the whole training set;
         with ``shifted=False`` only the data term (1/n) Σ_i C_i·v, without (λ + λ_d)·v.

@@ -9,7 +9,13 @@ an :class:`InfluenceKitError`.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import torch
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class InfluenceKitError(Exception):
@@ -109,3 +115,14 @@ class ConvergenceWarning(UserWarning):
 
 class StationarityWarning(UserWarning):
     """θ̂ is far from a stationary point of the objective that influence is taken for."""
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside influencekit: the line of the
+    user's code that led to it, however many of the package's frames lie in between."""
+    frame = sys._getframe(1)
+    level = 2  # the caller of warn
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

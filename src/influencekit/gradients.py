@@ -15,7 +15,6 @@ a chunk of rows exists at once. With a per-parameter weight decay, λ·θ is dia
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from . import arguments
-from .errors import OUT_OF_MEMORY, DtypeError
+from .errors import OUT_OF_MEMORY, DtypeError, warn
 from .inputs import Inputs, batch_size, map_inputs, rows_of
 from .objective import Objective
 from .parameters import TrackedParameters
@@ -138,12 +137,12 @@ class GradientComputer:
         """Switch to the loop if ``error`` means vmap cannot batch this model; else re-raise."""
         if not is_transform_limitation(error):
             raise error
-        warnings.warn(
+        warn(
             f"torch.func.vmap cannot batch the per-example gradients of "
             f"{type(self.tracked.model).__name__} ({first_line(error)}); computing them one "
             "example at a time instead, which is slower. Avoid .item() and data-dependent "
             "Python control flow in forward() to get the vectorised path.",
-            RuntimeWarning, stacklevel=4,
+            RuntimeWarning,
         )
         self.vectorize = False
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import arguments, cache, distributed, layers, memory, stationarity
+from . import arguments, cache, distributed, heap, layers, memory, stationarity
 from .curvature import CURVATURES, HVP_MODES, Curvature, HessianOperator, HVPMode
 from .damping import DampingChoice, choose_damping
 from .data import BatchFn, ExampleSet, check_compatible, check_finite, raise_if_flagged
@@ -49,6 +48,7 @@ from .errors import (
     ObjectiveMismatchError,
     StaleFitError,
     StationarityWarning,
+    warn,
 )
 from .gradient_norms import squared_gradient_norms
 from .gradients import GradientComputer
@@ -198,6 +198,7 @@ class Influence:
 
     # ------------------------------------------------------------------ fitting
 
+    @heap.retaining
     def fit(self) -> Influence:
         """Check the model, data and objective, bind θ̂, choose the damping, prepare the solver.
 
@@ -383,9 +384,8 @@ class Influence:
                                           float(squares.mean().sqrt()), int(sample.numel()),
                                           self.stationarity_tol)
         if check.tol is not None and not check.stationary:
-            warnings.warn(stationarity.message(check, _describe_decay(self.objective),
-                                               self.curvature), StationarityWarning,
-                          stacklevel=3)
+            warn(stationarity.message(check, _describe_decay(self.objective), self.curvature),
+                 StationarityWarning)
         return check
 
     def _check_batch(self, gradients: GradientComputer, theta: Tensor, rows: slice, X: Tensor,
@@ -457,6 +457,7 @@ class Influence:
         check_compatible(self.input_shape_, data)
         return data
 
+    @heap.retaining
     def test_gradients(self, test: Any) -> Tensor:
         """``(m, p)`` gradients of the test measurement at each test point (no regulariser)."""
         return self._test_gradients(test)
@@ -481,6 +482,7 @@ class Influence:
                                                              y[part]), shown, "test")
         return out
 
+    @heap.retaining
     def train_gradients(self, indices: Tensor | Sequence[int] | None = None) -> Tensor:
         """``(k, p)`` training gradients ∇_θ L(z_i) (regulariser included) for ``indices``.
 
@@ -524,6 +526,7 @@ class Influence:
         for rows, X, y in self._batches(self.train_data, description):
             yield rows, _finite(self.gradients_.train(self.theta_, X, y), rows, "training")
 
+    @heap.retaining
     def cache_train_gradients(self, path: str | Path | None = None,
                               data_id: str | None = None) -> Influence:
         """Keep the (n, p) training gradients so later batches of test points skip that pass.
@@ -553,6 +556,7 @@ class Influence:
         self._gradient_cache = gradients
         return self
 
+    @heap.retaining
     def solve(self, V: Tensor) -> Tensor:
         """A⁻¹·v for each row of ``V`` ``(k, p)`` (or ``(p,)``), A = C + λ_d·I; see
         :attr:`last_solve_report`. ``(p, k)`` blocks and higher-precision ``V`` are refused."""
@@ -575,6 +579,7 @@ class Influence:
 
     # ------------------------------------------------------------------ scores
 
+    @heap.retaining
     def influence(self, test: Any) -> Tensor:
         """I_up,loss of every training point on every test point, ``(m, n)``.
 
@@ -738,6 +743,7 @@ class Influence:
         self.solver.last_report = combine_reports(reports)
         return out
 
+    @heap.retaining
     def loo_change(self, test: Any) -> Tensor:
         """Predicted change of each test loss when each training point is removed, ``(m, n)``.
 
@@ -746,6 +752,7 @@ class Influence:
         """
         return -self.influence(test) / self.num_train_
 
+    @heap.retaining
     def params_influence(self, train_indices: Tensor | Sequence[int]) -> Tensor:
         """I_up,params = −(C + λ_d·I)⁻¹ ∇_θ L(z_i) for the given training points, ``(k, p)``.
 
@@ -753,6 +760,7 @@ class Influence:
         """
         return -self.solve(self.train_gradients(train_indices))
 
+    @heap.retaining
     def perturbation_influence(self, test: Any, train_indices: Tensor | Sequence[int]) -> Tensor:
         """I_pert,loss: gradient of each test loss w.r.t. each chosen training input.
 
@@ -766,6 +774,7 @@ class Influence:
                      for s in _slices(batch_size(X), self.chunk_size)]
         return -torch.cat(parts, dim=1)
 
+    @heap.retaining
     def token_influence(self, test: Any, train_indices: Tensor | Sequence[int]) -> TokenScores:
         """Per-token I_up,loss of the chosen training sequences on every test point.
 
@@ -788,6 +797,7 @@ class Influence:
         regularizer = -(S @ (self.gradients_.decay * self.theta_))
         return TokenScores(-torch.cat(parts, dim=1), regularizer, indices)
 
+    @heap.retaining
     def self_influence(self) -> Tensor:
         """I_up,loss(z_i, z_i) for every training point, ``(n,)``, without an n × n matrix.
 
@@ -801,6 +811,7 @@ class Influence:
         # every process takes part in every block: the solves' curvature products are shared
         return self._self_influence_rows(slice(0, self.num_train_))
 
+    @heap.retaining
     def index(self, out: str | Path, projection: Any = None, shard_size: int | None = None,
               data_id: str | None = None) -> GradientStore:
         """Write the per-example training gradients to the store ``out`` (resumed if it exists
@@ -812,6 +823,7 @@ class Influence:
 
         return gradients.index(self, out, projection, shard_size, data_id)
 
+    @heap.retaining
     def score(self, test: Any, out: str | Path, kind: str = "loo_change", top_k: int = 10,
               shard_size: int | None = None, data_id: str | None = None,
               gradients: GradientStore | str | Path | None = None) -> ScoreStore:
@@ -830,6 +842,7 @@ class Influence:
 
         return scores.score(self, test, out, kind, top_k, shard_size, data_id, gradients)
 
+    @heap.retaining
     def top_k(self, test: Any, k: int = 10) -> TopK:
         """The k most helpful and k most harmful training points per test point (:class:`TopK`).
 

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import inspect
 import math
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import arguments
+from .. import arguments, heap
 from ..curvature import HessianOperator, as_rows
 from ..errors import (
     ConvergenceWarning,
@@ -28,6 +27,7 @@ from ..errors import (
     NonFiniteError,
     NotFittedError,
     SolverDivergedError,
+    warn,
 )
 from ..linalg import finite_rows
 from ..spectrum import SpectrumEstimate, lanczos_ritz_values
@@ -181,6 +181,7 @@ class Solver(ABC):
         """Damping the solver adds to the operator's (LiSSA's scale·d); 0 for the others."""
         return 0.0
 
+    @heap.retaining
     def solve(self, V: Tensor) -> Tensor:
         """X with rows x_j = A⁻¹ v_j, for ``V`` of shape ``(k, p)`` (or ``(p,)``).
 
@@ -305,12 +306,12 @@ class ApproximateInverse(Solver):
         if residual > 1.0 or converged is False:
             worse = " — worse than x = 0, so the approximation is no inverse of A here" \
                 if residual > 1.0 else ""
-            warnings.warn(
+            warn(
                 f"{type(self).__name__}'s measured relative residual is {residual:.3g}"
                 f"{worse}{f' (tol={self.tol:g})' if self.tol is not None else ''}. Check the "
                 "damping (the curvature may be indefinite), or use CG for an exact solve "
                 "(ik.CG(preconditioner=...) with this solver as the preconditioner).",
-                ConvergenceWarning, stacklevel=4)
+                ConvergenceWarning)
         return X
 
     def _details(self) -> dict[str, float]:

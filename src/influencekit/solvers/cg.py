@@ -55,7 +55,6 @@ import dataclasses
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -64,7 +63,7 @@ from tqdm.auto import tqdm
 
 from .. import arguments, distributed
 from ..curvature import HessianOperator
-from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedError
+from ..errors import ConvergenceWarning, IndefiniteHessianError, SolverDivergedError, warn
 from ..linalg import orthonormal_columns
 from .adaptive import (
     DECIDE_FROM,
@@ -286,19 +285,19 @@ class CG(Solver):
               recurrence: float) -> None:
         if not recurrence_converged:
             shown = residual if residual == residual else recurrence
-            warnings.warn(
+            warn(
                 f"CG stopped at max_iter={self.max_iter} with relative residual {shown:.2e} "
                 f"above tol={tol:g}. Raise max_iter, add damping (faster convergence), use a "
                 "preconditioner (preconditioner='ekfac'), or accept the looser solve.",
-                ConvergenceWarning, stacklevel=4,
+                ConvergenceWarning,
             )
         elif residual > tol:
-            warnings.warn(
+            warn(
                 f"CG's recurrence reached tol={tol:g}, but the recomputed relative residual is "
                 f"{residual:.2e}, so the solve is reported as not converged: the system is "
                 f"ill-conditioned for {self.operator.dtype}. Use float64, more damping, or a "
                 "looser tol.",
-                ConvergenceWarning, stacklevel=4,
+                ConvergenceWarning,
             )
 
     def _progress_bar(self, description: str) -> tqdm:

@@ -11,14 +11,13 @@ curvature-vector products (``verify=True``, the default), not against the decomp
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from .. import arguments
 from ..curvature import HessianOperator
-from ..errors import ConvergenceWarning, IndefiniteHessianError, InvalidSettingError
+from ..errors import ConvergenceWarning, IndefiniteHessianError, InvalidSettingError, warn
 from ..spectrum import SpectrumEstimate
 from .base import Solver
 
@@ -131,11 +130,11 @@ class Direct(Solver):
             details={"condition_number": float(mu[-1] / mu[0])},
             notes=() if self.verify else ("residual not measured (verify=False)",))
         if converged is False:
-            warnings.warn(
+            warn(
                 f"Direct's answer has relative residual {residual:.2e} against the curvature "
                 f"products, above tol={tol:g}: the damped curvature (condition number "
                 f"{float(mu[-1] / mu[0]):.3g}) is ill-conditioned for {self.operator.dtype}. Use "
-                "float64 or more damping.", ConvergenceWarning, stacklevel=4)
+                "float64 or more damping.", ConvergenceWarning)
         return X
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .. import arguments
 from ..curvature import HessianOperator
-from ..errors import ConvergenceWarning, InvalidSettingError, SolverDivergedError
+from ..errors import ConvergenceWarning, InvalidSettingError, SolverDivergedError, warn
 from ..spectrum import lanczos_ritz_values
 from .base import (
     Solver,
@@ -240,14 +239,14 @@ class LiSSA(Solver):
                 f"{self.depth} steps. {self._advice()}"
             )
         if not converged:
-            warnings.warn(
+            warn(
                 f"LiSSA's relative residual is {residual:.3g} (> tol={self.tol}) after depth="
                 f"{self.depth}, repeats={R}, batch_size={b}, scale={scale:.4g}. Increase depth "
                 "(slow convergence: the damped curvature has small eigenvalues relative to "
                 "scale), or batch_size/repeats (noise), add damping"
                 + (", or use a preconditioner (preconditioner='ekfac')."
                    if self.preconditioner is None else "."),
-                ConvergenceWarning, stacklevel=3,
+                ConvergenceWarning,
             )
         return X
 
