@@ -33,9 +33,6 @@ sys.path.insert(0, str(HERE))
 import matched  # noqa: E402
 import problem as problem_module  # noqa: E402
 
-#: the suffix of the pyDVL rows run with glibc keeping freed memory (peers/pydvl_methods.py)
-RETAINED_HEAP = "-retained-heap"
-
 FAMILIES: dict[str, list[str]] = {
     "exact (CG)": ["influencekit-cg-deflated",
                    *(f"influencekit-cg-deflated-tol-{tol:g}" for tol in matched.OURS_TOLS),
@@ -49,7 +46,7 @@ FAMILIES: dict[str, list[str]] = {
                      (1e-4, 2e-4, 5e-4)),
                    "influencekit-cg-deflated-40", "pydvl-cg-block",
                    *(f"pydvl-cg-block-rtol-{rtol:g}" for rtol in matched.PYDVL_RTOLS),
-                   *(f"pydvl-cg-block-rtol-{rtol:g}{RETAINED_HEAP}"
+                   *(f"pydvl-cg-block-rtol-{rtol:g}{matched.RETAINED_HEAP}"
                      for rtol in matched.PYDVL_RTOLS), "pydvl-cg",
                    "dattri-cg"],
     "fast and faithful": ["influencekit-cg-deflated-3"],
@@ -87,7 +84,7 @@ def matched_pydvl(results: dict[str, dict], retained_heap: bool = False
     pyDVL as shipped, or (``retained_heap``) its rows run with glibc keeping freed memory as
     influencekit's own calls do (peers/pydvl_methods.with_retained_heap)."""
     return _fastest_within_bar(results, lambda m: m.startswith("pydvl-cg-block")
-                               and m.endswith(RETAINED_HEAP) == retained_heap)
+                               and m.endswith(matched.RETAINED_HEAP) == retained_heap)
 
 
 def matched_ours(results: dict[str, dict]) -> tuple[str, dict] | None:
