@@ -13,7 +13,7 @@ import influencekit as ik
 from influencekit.solvers import adaptive
 from influencekit.solvers.deflated import heaviest_count
 
-from conftest import Problem, make_mlp, make_operator, relative_error
+from conftest import Problem, make_logreg, make_mlp, make_operator, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +272,24 @@ def test_leaving_out_light_examples_still_meets_tol_on_the_full_operator(
         assert 0 < left_out < op.num_train
         assert any(f"{int(left_out)} of {op.num_train} training examples" in note
                    for note in report.notes)
+
+
+def test_the_second_phase_is_judged_on_its_own_residuals() -> None:
+    """Phase 2 of negligible > 0 starts from the residual on the full operator, far above
+    where phase 1 ended on A_S. That jump is no stall: block CG over many right-hand sides
+    stays plain in both phases, as it does without the split (it used to switch to EK-FAC
+    after phase 2's first iteration, comparing that residual with phase 1's last ones)."""
+    problem = make_logreg(n=400, d=30, classes=6, weight_decay=1e-4, seed=1)  # p = 180
+    op = make_operator(problem, damping=1e-4)
+    V = torch.randn(40, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    expected = torch.linalg.solve(problem.dense_hessian(1e-4), V.T).T
+    for negligible in (0.0, 0.05, 0.3):
+        solver = ik.CG(tol=1e-10, preconditioner="auto", negligible=negligible).prepare(op)
+        X = solver.solve(V)
+        report = solver.last_report
+        assert relative_error(X, expected) < 1e-8
+        assert math.isnan(report.details["ekfac_after_iteration"]), report.notes
+        assert ("examples_left_out" in report.details) == (negligible > 0)
 
 
 def test_an_indefinite_heaviest_part_is_refused_and_every_example_used(

@@ -106,7 +106,8 @@ class DeflationPlan:
 
 def stalled(ratios: list[float]) -> bool:
     """Whether plain block CG stalls: (r_j / r_(j−2))^½ > ``STALLED`` for the last residuals
-    r_(j−2), r_(j−1), r_j (r_0 = 1 from X = 0); ``False`` before two iterations."""
+    r_(j−2), r_(j−1), r_j of one recurrence (r_0 its starting residual: 1 from X = 0);
+    ``False`` before two iterations."""
     if len(ratios) < 3 or not ratios[-3] > 0:
         return False
     return (ratios[-1] / ratios[-3]) ** 0.5 > STALLED

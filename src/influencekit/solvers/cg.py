@@ -144,7 +144,7 @@ class CG(Solver):
         self._deflated_at: int | None = None  # after which iteration this solve switched to it
         self._ekfac_from: int | None = None  # after which iteration this solve moved to EK-FAC
         self._plain_projected = math.nan  # the iterations plain CG projected after its first
-        self._ratios: list[float] = []  # plain CG's residuals so far (r_0 = 1)
+        self._ratios: list[float] = []  # this recurrence's residuals so far, from its first
         self._wide = False  # block CG over PLAIN_WIDTH or more right-hand sides
         self._projected = 0.0  # the iterations projected when it switched
         self._weights: Tensor | None = None  # the operator's curvature weights, computed once
@@ -490,6 +490,9 @@ class CG(Solver):
         ratio = float((R.norm(dim=0) / v_norm).max())
         if ratio <= tol:
             return X.T, R.T, 0, ratio
+        # the stall test compares this recurrence's own residuals: phase 2 of negligible > 0
+        # starts above where phase 1 (another operator) ended, which is no stall
+        self._ratios = [ratio]
         P = self._first_directions(R, v_norm, tol)
         iterations = 0
         with self._progress_bar("block CG iterations") as bar:
