@@ -223,7 +223,7 @@ class CG(Solver):
         self._deflated_at = None
         if self.preconditioner == AUTO:  # every solve starts plain and decides anew
             self._precondition, self._ekfac_from = None, None
-            self._plain_projected, self._ratios = math.nan, [1.0]
+            self._plain_projected = math.nan
             self._wide = self.block and V.shape[0] >= PLAIN_WIDTH
         split = self._split_operator()
         self._active = self.operator if split is None else split[0]
