@@ -337,9 +337,7 @@ def main() -> None:
         print(json.dumps(ours.floors(problem_module.load(Path(args.floors_worker)))))
         return
     problem_path = problem_module.prepare(Path(args.out), args.seed, args.problem)
-    out = Path(args.out)
-    if args.problem != problem_module.DEFAULT:
-        out = out / args.problem
+    out = problem_module.results_folder(Path(args.out), args.problem)
     settings = problem_module.built_settings(problem_path)  # the damping it was built with
     python = sys.executable
     floors = _floors(python, problem_path, args.threads)

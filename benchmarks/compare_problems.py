@@ -31,8 +31,7 @@ import problem as problem_module  # noqa: E402
 
 
 def _results(out: Path, name: str) -> dict:
-    folder = out if name == problem_module.DEFAULT else out / name
-    return json.loads((folder / "compare.json").read_text())
+    return json.loads((problem_module.results_folder(out, name) / "compare.json").read_text())
 
 
 def _summary(name: str, payload: dict) -> dict:

@@ -45,13 +45,9 @@ import problem as problem_module  # noqa: E402
 ROLES = ("ours", "pydvl", "pydvl_retained_heap")
 
 
-def problem_folder(out: Path, name: str) -> Path:
-    return out if name == problem_module.DEFAULT else out / name
-
-
 def rows_from_compare(out: Path, name: str) -> dict[str, str]:
     """The matched rows of ``name``'s compare.json: {role: method}."""
-    path = problem_folder(out, name) / "compare.json"
+    path = problem_module.results_folder(out, name) / "compare.json"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run compare.py --core --problem {name} first, or "
                          f"name the rows with --rows {name}=OURS,PYDVL.")
@@ -166,13 +162,14 @@ def main() -> None:
     versions: dict[str, str] = {}
     for name, methods in plan.items():
         problem_path = problem_module.prepare(out, 0, name)
+        repeats = problem_module.results_folder(out, name) / "repeats"
         runs: dict[str, list[dict]] = {role: [] for role in ROLES}
         for round_ in range(args.rounds):
             for role in rotated(ROLES, round_):
                 print(f"{name} round {round_ + 1}: {methods[role]} ...", flush=True)
                 runs[role].append(compare._run(
                     sys.executable, problem_path, methods[role],
-                    problem_folder(out, name) / "repeats", args.threads, args.timeout,
+                    repeats, args.threads, args.timeout,
                     suffix=f"-round-{round_ + 1}"))
         versions.update({r["library"]: r.get("version") for role_runs in runs.values()
                          for r in role_runs if r.get("library")})

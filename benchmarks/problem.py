@@ -258,6 +258,12 @@ def _reference(model64: nn.Module, data: Data, damping: float, num_test: int
                        "the model is far from a minimum: polish it longer")
 
 
+def results_folder(out: Path, name: str = DEFAULT) -> Path:
+    """Where the comparisons write problem ``name``'s results: ``out`` itself for the default
+    problem (the README's main table), ``out/NAME`` for the others."""
+    return Path(out) if name == DEFAULT else Path(out) / name
+
+
 def cache_path(folder: Path, seed: int = 0, name: str = DEFAULT) -> Path:
     settings = spec(name).settings
     recipe = VERSION + repr(sorted(settings.items())) + (f"seed {seed}" if seed else "")
