@@ -12,7 +12,9 @@ the three rows that check compares, for each problem:
 ``--rounds`` times, interleaved, the order rotating each round, so that a slow spell of the
 machine falls on every row alike. Each run is its own process (peers/run_one.py, as in
 compare.py). Reported per row: the median, least and greatest seconds and the largest rel. error
-over its runs; per pair: the ratio of the medians and the range of the ratios within a round.
+over its runs; per pair: the ratio of the medians and the range of the ratios within a round;
+per run, its system CPU seconds and minor page faults (peers/run_one.py's ``process``), which
+show how much of a run went to faulting in fresh memory.
 A row is matched only if every one of its runs stays within rel. error ``matched.BAR``.
 
 The rows come from each problem's compare.json (``compare.matched_ours`` / ``matched_pydvl``);
@@ -92,6 +94,7 @@ def summary(runs: dict[str, list[dict]]) -> dict:
         complete = not failed and all(s is not None for s in seconds)
         rows[role] = {"method": results[0]["method"], "seconds": seconds,
                       "relative_errors": errors, "errors": failed,
+                      "process": [r.get("process") for r in results],
                       "median_seconds": statistics.median(seconds) if complete else None,
                       "matched": complete and all(e is not None and e <= matched.BAR
                                                   for e in errors)}
@@ -104,6 +107,16 @@ def summary(runs: dict[str, list[dict]]) -> dict:
                                     "per_round_min": min(within),
                                     "per_round_max": max(within)}
     return rows
+
+
+def usage_text(seconds: float | None, usage: dict | None) -> str:
+    """"7.04 / 0.48 / 195k": a run's seconds, system CPU seconds and minor page faults."""
+    if seconds is None:
+        return "failed"
+    if usage is None:  # a result file from before run_one recorded its process usage
+        return f"{seconds:.2f}"
+    return (f"{seconds:.2f} / {usage['system_seconds']:.2f} / "
+            f"{usage['minor_page_faults'] / 1000:.0f}k")
 
 
 def lines(results: dict[str, dict]) -> list[str]:
@@ -132,6 +145,14 @@ def lines(results: dict[str, dict]) -> list[str]:
     out.append("Medians over the rounds (least-greatest run); ratios: of the medians (least-"
                "greatest within one round). * a run of that row exceeded rel. error "
                f"{matched.BAR:g}.")
+    out.append("Per run, in round order: seconds / system CPU seconds / minor page faults "
+               "(thousands) of the call:")
+    for name, rows in results.items():
+        for role in ("ours", "pydvl", "pydvl_retained_heap"):
+            out.append(f"  {name} {role}: " + ", ".join(
+                usage_text(seconds, usage)
+                for seconds, usage in zip(rows[role]["seconds"], rows[role]["process"],
+                                          strict=True)))
     for peer, title in (("pydvl", "pyDVL as shipped"),
                         ("pydvl_retained_heap", "pyDVL with the retained heap")):
         ratios = [rows.get(f"ratio_to_{peer}") for rows in results.values()]

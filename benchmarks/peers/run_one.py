@@ -10,7 +10,9 @@ The result file (torch.save of a dict, written atomically) holds: method, librar
 version, settings, seconds (time.perf_counter around the method call only), peak_rss_bytes
 (VmHWM of the whole process, in bytes; see
 ../peak_memory.py), peak_rss_before_bytes (the same just before
-the call, after loading the problem), relative_error (‖S − R‖_F / ‖R‖_F), pearson_flat,
+the call, after loading the problem), process (getrusage of this process over the call only:
+user_seconds, system_seconds, minor_page_faults, major_page_faults; system time and page faults
+show how much of a run went to fresh memory), relative_error (‖S − R‖_F / ‖R‖_F), pearson_flat,
 pearson_rows_mean, pearson_rows_min, num_nonfinite, scores ((m, n) float64, our
 I_up,loss) and error (None, or the traceback if the library failed: then scores and the
 metrics are None).
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import resource
 import sys
 import time
 import traceback
@@ -82,6 +85,14 @@ class _Collector(logging.Handler):
 
 
 
+def process_usage(before: resource.struct_rusage, after: resource.struct_rusage) -> dict:
+    """CPU seconds and page faults of this process between two getrusage readings."""
+    return {"user_seconds": after.ru_utime - before.ru_utime,
+            "system_seconds": after.ru_stime - before.ru_stime,
+            "minor_page_faults": after.ru_minflt - before.ru_minflt,
+            "major_page_faults": after.ru_majflt - before.ru_majflt}
+
+
 def run(problem_path: Path, method: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):
@@ -90,6 +101,7 @@ def run(problem_path: Path, method: str, threads: int) -> dict:
     result = {"method": method, "library": library, "version": None, "settings": None,
               "threads": threads, "problem": str(problem_path), "torch": torch.__version__,
               "seconds": None, "peak_rss_bytes": None, "peak_rss_before_bytes": None,
+              "process": None,
               "relative_error": None, "pearson_flat": None, "pearson_rows_mean": None,
               "pearson_rows_min": None, "num_nonfinite": None, "scores": None,
               "warnings": [], "error": None}
@@ -115,12 +127,14 @@ def run(problem_path: Path, method: str, threads: int) -> dict:
     records = _Collector()
     logging.getLogger().addHandler(records)
     result["peak_rss_before_bytes"] = peak_rss_bytes()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             scores = fn(problem)
         result["seconds"] = time.perf_counter() - start
+        result["process"] = process_usage(usage, resource.getrusage(resource.RUSAGE_SELF))
     except Exception:
         result["seconds"] = time.perf_counter() - start
         result["peak_rss_bytes"] = peak_rss_bytes()
