@@ -148,11 +148,11 @@ def lines(results: dict[str, dict]) -> list[str]:
     out.append("Per run, in round order: seconds / system CPU seconds / minor page faults "
                "(thousands) of the call:")
     for name, rows in results.items():
-        for role in ("ours", "pydvl", "pydvl_retained_heap"):
+        for role in ROLES:
             out.append(f"  {name} {role}: " + ", ".join(
-                usage_text(seconds, usage)
-                for seconds, usage in zip(rows[role]["seconds"], rows[role]["process"],
-                                          strict=True)))
+                usage_text(run_seconds, usage)
+                for run_seconds, usage in zip(rows[role]["seconds"], rows[role]["process"],
+                                              strict=True)))
     for peer, title in (("pydvl", "pyDVL as shipped"),
                         ("pydvl_retained_heap", "pyDVL with the retained heap")):
         ratios = [rows.get(f"ratio_to_{peer}") for rows in results.values()]

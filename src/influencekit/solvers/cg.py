@@ -492,13 +492,13 @@ class CG(Solver):
         if start is not None:
             X.copy_(start[0].T)
             R.copy_(start[1].T)
-        ratio = float((R.norm(dim=0) / v_norm).max())
+        gram, ratio = _residual_gram(R, v_norm)
         if ratio <= tol:
             return X.T, R.T, 0, ratio
         # the stall test compares this recurrence's own residuals: phase 2 of negligible > 0
         # starts above where phase 1 (another operator) ended, which is no stall
         self._ratios = [ratio]
-        P = self._first_directions(R, v_norm, tol, (R.T @ R).double())
+        P = self._first_directions(R, v_norm, tol, gram)
         iterations = 0
         with self._progress_bar("block CG iterations") as bar:
             while iterations < self.max_iter:
@@ -530,9 +530,7 @@ class CG(Solver):
         alpha = torch.linalg.solve(PtQ, (P.T @ R).double()).to(B.dtype)
         X.addmm_(P, alpha)
         R.addmm_(Q, alpha, alpha=-1.0)
-        # RᵀR gives the column norms (its diagonal) and the search space of the next step
-        gram = (R.T @ R).double()
-        ratio = float((gram.diagonal().clamp_min(0).sqrt() / v_norm).max())
+        gram, ratio = _residual_gram(R, v_norm)
         if not math.isfinite(ratio):
             raise SolverDivergedError(_nan_message(iteration))
         self._last_block = (P, Q, PtQ, gram)
@@ -568,20 +566,23 @@ class CG(Solver):
         from dropping a direction for being small."""
         if self.truncate == 0:
             return R / v_norm
+
+        def kept(gram_n: Tensor) -> Tensor:
+            """W_kept·Σ_kept⁻¹ from NᵀN = W Σ² Wᵀ (float64)."""
+            squared, W = torch.linalg.eigh(gram_n)  # σ², ascending
+            keep = squared > (self.truncate * tol) ** 2
+            return W[:, keep] / squared[keep].sqrt()
+
         # a zero right-hand side (‖v_j‖ clamped to tiny) keeps a zero residual: scale 0
         scale = torch.where(v_norm > torch.finfo(v_norm.dtype).tiny, 1.0 / v_norm.double(), 0.0)
         scaled = scale[:, None] * gram * scale
         if bool(torch.isfinite(scaled).all()):
-            squared, W = torch.linalg.eigh(scaled)  # σ², ascending
-            keep = squared > (self.truncate * tol) ** 2
-            C = (scale[:, None] * W[:, keep] / squared[keep].sqrt()).to(R.dtype)
+            C = (scale[:, None] * kept(scaled)).to(R.dtype)
             if bool(torch.isfinite(C).all()):
                 return R @ C
         # norms so small that D⁻¹ overflows: scale the residual itself
         N = R / v_norm
-        squared, W = torch.linalg.eigh((N.T @ N).double())
-        keep = squared > (self.truncate * tol) ** 2
-        return N @ (W[:, keep] / squared[keep].sqrt()).to(N.dtype)
+        return N @ kept((N.T @ N).double()).to(N.dtype)
 
     # --------------------------------------------------------------- independent CG
 
@@ -638,6 +639,13 @@ def _synchronize(device: torch.device) -> None:
     """Wait for queued device work, so that wall-clock timings measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _residual_gram(R: Tensor, v_norm: Tensor) -> tuple[Tensor, float]:
+    """RᵀR (k, k) in float64 and the largest relative residual max_j ‖R_j‖/‖v_j‖, read off its
+    diagonal: one product gives the stopping rule and the next search space."""
+    gram = (R.T @ R).double()
+    return gram, float((gram.diagonal().clamp_min(0).sqrt() / v_norm).max())
 
 
 def _check_curvature(PtQ: Tensor, iteration: int, damping: float) -> None:
