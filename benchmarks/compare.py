@@ -70,6 +70,13 @@ CORE = ["influencekit-cg-auto", *(f"influencekit-cg-auto-tol-{tol:g}" for tol in
         "kronfluence-ekfac-empirical", "pydvl-ekfac", "dattri-ekfac"]
 
 
+def completed(results: dict[str, dict]) -> dict[str, dict]:
+    """The rows that finished: a time and no error. A failed run may still carry the seconds it
+    took to fail, which must never serve as a peer's time in a ratio or a check."""
+    return {m: r for m, r in results.items()
+            if r.get("seconds") is not None and not r.get("error")}
+
+
 def _fastest_within_bar(results: dict[str, dict],
                         names: Callable[[str], bool]) -> tuple[str, dict] | None:
     runs = [(m, r) for m, r in results.items()
@@ -188,8 +195,9 @@ def _table(results: dict[str, dict], floor: float) -> list[str]:
              f"{'mem GiB':>8s} {'rel.err':>9s} {'R(all)':>7s} {'R(rows)':>7s}  note"]
     for family, methods in FAMILIES.items():
         lines.append(f"-- {family}")
-        peers = [results[m]["seconds"] for m in methods
-                 if not m.startswith("influencekit") and results.get(m, {}).get("seconds")]
+        finished = completed(results)
+        peers = [finished[m]["seconds"] for m in methods
+                 if not m.startswith("influencekit") and m in finished]
         fastest_peer = min(peers) if peers else None
         if family == "exact (CG)" and (matched := matched_pydvl(results)) is not None:
             fastest_peer = matched[1]["seconds"]  # the peer at matched accuracy
@@ -212,6 +220,8 @@ def _table(results: dict[str, dict], floor: float) -> list[str]:
 
 
 def _checks(results: dict[str, dict]) -> list[str]:
+    results = completed(results)
+
     def get(method: str, key: str) -> float | None:
         return results.get(method, {}).get(key)
 

@@ -35,7 +35,7 @@ def _results(out: Path, name: str) -> dict:
 
 
 def _summary(name: str, payload: dict) -> dict:
-    results = payload["results"]
+    results = compare.completed(payload["results"])
     deflated = results.get("influencekit-cg-deflated", {})
     mine, matched = compare.matched_ours(results), compare.matched_pydvl(results)
     kron = results.get("kronfluence-ekfac", {}).get("seconds")
