@@ -70,18 +70,21 @@ CORE = ["influencekit-cg-auto", *(f"influencekit-cg-auto-tol-{tol:g}" for tol in
         "kronfluence-ekfac-empirical", "pydvl-ekfac", "dattri-ekfac"]
 
 
-def completed(results: dict[str, dict]) -> dict[str, dict]:
-    """The rows that finished: a time and no error. A failed run may still carry the seconds it
+def finished(result: dict) -> bool:
+    """Whether a run finished: a time and no error. A failed run may still carry the seconds it
     took to fail, which must never serve as a peer's time in a ratio or a check."""
-    return {m: r for m, r in results.items()
-            if r.get("seconds") is not None and not r.get("error")}
+    return result.get("seconds") is not None and not result.get("error")
+
+
+def completed(results: dict[str, dict]) -> dict[str, dict]:
+    """The rows of ``results`` that :func:`finished`."""
+    return {m: r for m, r in results.items() if finished(r)}
 
 
 def _fastest_within_bar(results: dict[str, dict],
                         names: Callable[[str], bool]) -> tuple[str, dict] | None:
-    runs = [(m, r) for m, r in results.items()
-            if names(m) and r.get("seconds") and not r.get("error")
-            and r["relative_error"] <= matched.BAR]
+    runs = [(m, r) for m, r in completed(results).items()
+            if names(m) and r["relative_error"] <= matched.BAR]
     return min(runs, key=lambda item: item[1]["seconds"]) if runs else None
 
 
@@ -108,7 +111,7 @@ def best_kronecker(results: dict[str, dict], ours: bool,
     rows (``ours``) or the peers', optionally only those that took at most ``within`` s."""
     rows = [(m, r) for m in FAMILIES["Kronecker"]
             if m.startswith("influencekit") == ours
-            and (r := results.get(m, {})).get("seconds") and not r.get("error")
+            and finished(r := results.get(m, {}))
             and r.get("pearson_flat") is not None
             and (within is None or r["seconds"] <= within)]
     return max(rows, key=lambda item: item[1]["pearson_flat"]) if rows else None
@@ -119,10 +122,10 @@ def _best_of(python: str, problem_path: Path, method: str, out: Path, threads: i
     """One run; a method that took under ``quick`` seconds runs once more and the faster run is
     kept (the same rule for every library: a 2-core machine shared with others is noisy)."""
     first = _run(python, problem_path, method, out, threads, timeout)
-    if first.get("error") or first.get("seconds") is None or first["seconds"] >= quick:
+    if not finished(first) or first["seconds"] >= quick:
         return first
     second = _run(python, problem_path, method, out, threads, timeout, suffix="-2")
-    if second.get("error") or second.get("seconds") is None:
+    if not finished(second):
         return first
     best = min(first, second, key=lambda r: r["seconds"])
     best["runs_seconds"] = [first["seconds"], second["seconds"]]
@@ -135,8 +138,7 @@ def _reused(out: Path, method: str) -> dict:
     paths = [path for path in (out / "results" / f"{method}.pt",
                                out / "results" / f"{method}-2.pt") if path.exists()]
     found = [(path, torch.load(path, weights_only=False)) for path in paths]
-    timed = [(path, r) for path, r in found
-             if r.get("seconds") is not None and not r.get("error")]
+    timed = [(path, r) for path, r in found if finished(r)]
     if not timed:
         return {"method": method, "error": "no result in the previous run"
                 + (f": {found[0][1]['error']}" if found and found[0][1].get("error") else "")}
@@ -193,11 +195,11 @@ def _gib(value: float | None) -> str:
 def _table(results: dict[str, dict], floor: float) -> list[str]:
     lines = [f"{'family / method':44s} {'time s':>8s} {'×peer':>6s} {'×floor':>7s} "
              f"{'mem GiB':>8s} {'rel.err':>9s} {'R(all)':>7s} {'R(rows)':>7s}  note"]
+    done = completed(results)
     for family, methods in FAMILIES.items():
         lines.append(f"-- {family}")
-        finished = completed(results)
-        peers = [finished[m]["seconds"] for m in methods
-                 if not m.startswith("influencekit") and m in finished]
+        peers = [done[m]["seconds"] for m in methods
+                 if not m.startswith("influencekit") and m in done]
         fastest_peer = min(peers) if peers else None
         if family == "exact (CG)" and (matched := matched_pydvl(results)) is not None:
             fastest_peer = matched[1]["seconds"]  # the peer at matched accuracy
@@ -205,7 +207,7 @@ def _table(results: dict[str, dict], floor: float) -> list[str]:
             if method not in results:  # not asked for in this run
                 continue
             r = results[method]
-            if r.get("error") or r.get("seconds") is None:
+            if not finished(r):
                 message = str(r.get("error", "no result")).strip().splitlines()
                 reason = (message or ["(no message)"])[-1][:60]
                 lines.append(f"   {method:41s} failed: {reason}")
